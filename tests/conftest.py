@@ -1,0 +1,39 @@
+"""Shared test helpers: small seeded random ESM-2 models and in-process traced runs.
+
+Every model here is fair-esm's ESM-2 architecture with seeded random weights (no checkpoint
+download): ``esm2_t6_8M_UR50D`` (6 layers, 320 dims, 20 heads) unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tracer.sequences import make_batch, motif_sequence
+from tracer.tracing import RunConfig, trace
+
+SMALL = "esm2_t6_8M_UR50D"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def mixed_batch(long: int = 300):
+    """A 1-residue, a short and a long sequence (the long one crosses position 256)."""
+    return make_batch([("one", "M"), ("short", motif_sequence(12)), ("long", motif_sequence(long))])
+
+
+def run(tmp_path, sequences=None, name="trace.h5", **kwargs):
+    """A quiet in-process ``tracer.run`` on the CPU with random weights of the small model."""
+    config = dict(model=SMALL, weights="random", device="cpu", out=str(tmp_path / name))
+    config.update(kwargs)
+    return trace(RunConfig(**config), sequences if sequences is not None else mixed_batch(), quiet=True)
+
+
+@pytest.fixture
+def small_model():
+    from tracer.models import load_model
+
+    model, arch, _ = load_model(SMALL, "random", seed=0)
+    return model, arch
