@@ -1,0 +1,413 @@
+"""Loading ESM-2 (by fair-esm name, checkpoint file, hub cache or seeded random init) and
+switching it between precisions without stale state.
+
+fair-esm keeps two pieces of rotary-embedding state that do not follow a precision change the
+way weights do, and tracer manages both explicitly:
+
+* ``rot_emb.inv_freq`` is a *buffer*, so ``model.to(bfloat16)`` rounds it to bfloat16, and a
+  later ``model.to(float32)`` does not bring the lost bits back. :func:`set_precision` rewrites it
+  from its definition after every change: computed in float32 exactly as fair-esm's constructor
+  does, then cast (so in bfloat16 it holds exactly what ``model.to(bfloat16)`` gives a freshly
+  loaded model), or computed in float64 for a float64 reference.
+* ``rot_emb._cos_cached``/``_sin_cached`` are plain attributes keyed on sequence length and device
+  only, *not dtype*: a table built in float32 would be reused by a bfloat16 run of the same length
+  and silently promote q/k to float32. :func:`reset_rotary_caches` clears them before every run.
+
+Example::
+
+    model, arch, weights = load_model("esm2_t6_8M_UR50D", weights="random", seed=0)
+    set_precision(model, torch.device("cpu"), torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import pickle
+import re
+import socket
+import sys
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import esm
+import torch
+from esm.model.esm2 import ESM2
+
+from tracer.errors import TracerError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Shape of an ESM-2 model.
+
+    Attributes:
+        name: fair-esm model name (``esm2_t36_3B_UR50D``) or ``custom``.
+        num_layers: transformer layers.
+        embed_dim: residual stream width E.
+        heads: attention heads H; the head dimension is ``embed_dim // heads``.
+        token_dropout: whether the embedding is rescaled for masked tokens (all ESM-2 releases).
+    """
+
+    name: str
+    num_layers: int
+    embed_dim: int
+    heads: int
+    token_dropout: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.heads
+
+    def same_shape(self, other: "Architecture") -> bool:
+        return (self.num_layers, self.embed_dim, self.heads, self.token_dropout) == (
+            other.num_layers,
+            other.embed_dim,
+            other.heads,
+            other.token_dropout,
+        )
+
+    def describe(self) -> str:
+        return f"{self.num_layers} layers, {self.embed_dim} dims, {self.heads} heads"
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in [
+        Architecture("esm2_t6_8M_UR50D", 6, 320, 20),
+        Architecture("esm2_t12_35M_UR50D", 12, 480, 20),
+        Architecture("esm2_t30_150M_UR50D", 30, 640, 20),
+        Architecture("esm2_t33_650M_UR50D", 33, 1280, 20),
+        Architecture("esm2_t36_3B_UR50D", 36, 2560, 40),
+        Architecture("esm2_t48_15B_UR50D", 48, 5120, 40),
+    ]
+}
+DEFAULT_MODEL = "esm2_t36_3B_UR50D"
+MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Which weights a run used (recorded in every trace).
+
+    Attributes:
+        source: ``random`` (seeded init), ``checkpoint`` (a file the user named),
+            ``hub-cache`` (fair-esm's checkpoint found in the torch-hub cache) or ``download``.
+        path: checkpoint file, if any.
+        seed: RNG seed of a random init, if any.
+        fingerprint: SHA-256 over a few weight tensors as loaded (identifies the weights across
+            traces cheaply; not a checksum of the file).
+    """
+
+    source: str
+    path: str | None
+    seed: int | None
+    fingerprint: str
+
+    def describe(self) -> str:
+        if self.source == "random":
+            return f"random init (seed {self.seed})"
+        return f"{self.source} {self.path}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def architecture(name: str) -> Architecture:
+    """The architecture of a fair-esm ESM-2 model name; lists the known names otherwise."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise TracerError(
+            f"unknown model {name!r}; known ESM-2 models: {', '.join(ARCHITECTURES)}"
+        ) from None
+
+
+def build_random(arch: Architecture, seed: int) -> ESM2:
+    """fair-esm's ESM-2 with its own default initialisation, seeded, in float32 on the CPU.
+
+    The global RNG state is left as it was. Built on the CPU whatever the run's device, so the
+    same seed gives the same weights everywhere.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ESM2(
+            num_layers=arch.num_layers,
+            embed_dim=arch.embed_dim,
+            attention_heads=arch.heads,
+            alphabet="ESM-1b",
+            token_dropout=arch.token_dropout,
+        )
+    return model.eval().requires_grad_(False)
+
+
+def hub_checkpoint_path(name: str) -> Path:
+    """Where fair-esm's loader caches ``name``: ``$TORCH_HOME/hub/checkpoints/<name>.pt``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """Read a fair-esm checkpoint file without copying it into memory twice.
+
+    The file is memory-mapped (``mmap=True``) and unpickled with ``weights_only=True``, allowing
+    only ``argparse.Namespace`` beyond tensors and containers (ESM-2 checkpoints keep their
+    config in one). ``trust=True`` falls back to a full unpickle for files that need more.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TracerError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        raise TracerError(f"checkpoint {str(path)!r} is a directory, not a .pt file")
+    if not os.access(path, os.R_OK):
+        raise TracerError(f"checkpoint {str(path)!r} is not readable (permissions)")
+    mmap = zipfile.is_zipfile(path)  # mmap needs the zip format of torch >= 1.6
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if trust:
+            raise TracerError(f"{path} is not a PyTorch checkpoint ({_first_line(e)})") from None
+        detail = re.search(r"Unsupported global: [^\n]*", str(e))
+        raise TracerError(
+            f"{path} holds Python objects beyond tensors "
+            f"({detail.group(0) if detail else _first_line(e)}); "
+            "if you trust the file, add --trust-checkpoint"
+        ) from None
+    except Exception as e:  # whatever torch.load raises on a file that is not a checkpoint
+        raise TracerError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise TracerError(f"{path} is not a fair-esm checkpoint (top level is {type(data).__name__})")
+    return data
+
+
+def checkpoint_architecture(data: dict, path: str | Path) -> Architecture:
+    """The ESM-2 architecture a fair-esm checkpoint declares in ``cfg['model']``."""
+    cfg = data.get("cfg")
+    model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
+    if model_cfg is None or "model" not in data:
+        kind = "an ESM-1/ESM-1b checkpoint" if "args" in data else "not a fair-esm ESM-2 checkpoint"
+        raise TracerError(f"{path} is {kind} (no cfg.model and model entries); tracer traces ESM-2")
+    try:
+        shape = (
+            int(_cfg(model_cfg, "encoder_layers")),
+            int(_cfg(model_cfg, "encoder_embed_dim")),
+            int(_cfg(model_cfg, "encoder_attention_heads")),
+        )
+        token_dropout = bool(_cfg(model_cfg, "token_dropout", True))
+    except (KeyError, AttributeError, TypeError, ValueError):
+        raise TracerError(f"{path} has an incomplete ESM-2 config in cfg.model") from None
+    for arch in ARCHITECTURES.values():
+        if (arch.num_layers, arch.embed_dim, arch.heads, arch.token_dropout) == (*shape, token_dropout):
+            return arch
+    return Architecture("custom", *shape, token_dropout)
+
+
+def _cfg(cfg, key, default=KeyError):
+    if isinstance(cfg, dict):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    if value is KeyError:
+        raise KeyError(key)
+    return value
+
+
+def build_from_checkpoint(data: dict, arch: Architecture, path: str | Path) -> ESM2:
+    """ESM-2 with the checkpoint's tensors assigned in place (no random init, no second copy).
+
+    Contact-regression weights (a separate file in fair-esm) are not needed for tracing and are
+    zero-filled when absent.
+    """
+    prefix = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")  # fair-esm's upgrade_state_dict
+    state = {prefix.sub("", k): v for k, v in data["model"].items()}
+    with torch.device("meta"):
+        model = ESM2(
+            num_layers=arch.num_layers,
+            embed_dim=arch.embed_dim,
+            attention_heads=arch.heads,
+            alphabet="ESM-1b",
+            token_dropout=arch.token_dropout,
+        )
+    expected = set(model.state_dict())
+    optional = {k for k in expected if k.startswith("contact_head.") or k.endswith("rot_emb.inv_freq")}
+    missing = sorted(expected - set(state) - optional)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise TracerError(
+            f"{path} does not match ESM-2 ({arch.describe()}): "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise TracerError(f"{path} does not match ESM-2 ({arch.describe()}): {_first_line(e)}") from None
+    for module in model.modules():  # whatever the file lacked is still on the meta device
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t.is_meta:
+                filled = torch.zeros(t.shape, dtype=t.dtype)
+                if isinstance(t, torch.nn.Parameter):
+                    setattr(module, name, torch.nn.Parameter(filled, requires_grad=False))
+                else:
+                    setattr(module, name, filled)
+    return model.eval().requires_grad_(False)
+
+
+def download_checkpoint(name: str, dest: Path) -> None:
+    """fair-esm's normal download, into fair-esm's own cache location (atomically)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
+    try:
+        # download_url_to_file writes a temporary file and renames it when complete.
+        torch.hub.download_url_to_file(MODEL_URL.format(name=name), str(dest), progress=sys.stderr.isatty())
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def load_model(
+    name: str | None = None,
+    weights: str = "auto",
+    seed: int = 0,
+    trust_checkpoint: bool = False,
+    progress=None,
+) -> tuple[ESM2, Architecture, Weights]:
+    """Load an ESM-2 model in its stored precision on the CPU.
+
+    Args:
+        name: fair-esm model name; ``None`` means the default (``esm2_t36_3B_UR50D``), or the
+            checkpoint's own architecture when ``weights`` is a path.
+        weights: ``auto`` (torch-hub cache, else fair-esm's download), ``random`` (seeded init of
+            the named architecture) or a path to a fair-esm ``.pt`` checkpoint.
+        seed: RNG seed for ``random``.
+        trust_checkpoint: allow arbitrary pickled objects in the checkpoint.
+        progress: optional ``callable(str)`` for status lines.
+
+    Returns:
+        ``(model, architecture, weights record)``; the model is in eval mode with no gradients.
+    """
+    say = progress or (lambda msg: None)
+    if weights == "random":
+        arch = architecture(name or DEFAULT_MODEL)
+        say(f"building {arch.name} ({arch.describe()}) with seeded random weights (seed {seed})")
+        model = build_random(arch, seed)
+        return model, arch, Weights("random", None, seed, fingerprint(model))
+
+    if weights == "auto":
+        arch = architecture(name or DEFAULT_MODEL)
+        path = hub_checkpoint_path(arch.name)
+        source = "hub-cache"
+        if not path.exists():
+            say(f"{arch.name} is not in the torch-hub cache ({path.parent}); downloading it")
+            try:
+                download_checkpoint(arch.name, path)
+            except Exception as e:  # any network/HTTP/disk failure: one line, and the ways out
+                raise TracerError(
+                    f"could not get the {arch.name} checkpoint ({_first_line(e)}); "
+                    "use --weights PATH for a local .pt file, or --weights random to trace the "
+                    "architecture with seeded random weights"
+                ) from None
+            source = "download"
+    else:
+        path = Path(weights)
+        source = "checkpoint"
+        arch = None
+
+    say(f"reading checkpoint {path}")
+    data = read_checkpoint(path, trust=trust_checkpoint)
+    found = checkpoint_architecture(data, path)
+    if arch is None and name is not None:
+        arch = architecture(name)
+    if arch is not None and not arch.same_shape(found):
+        raise TracerError(
+            f"checkpoint {path} is {found.name} ({found.describe()}), but the model asked for is "
+            f"{arch.name} ({arch.describe()}); pass --model {found.name}"
+            if found.name != "custom"
+            else f"checkpoint {path} has {found.describe()}, but {arch.name} has {arch.describe()}"
+        )
+    arch = arch or found
+    model = build_from_checkpoint(data, arch, path)
+    del data
+    return model, arch, Weights(source, str(path), None, fingerprint(model))
+
+
+def fingerprint(model: ESM2) -> str:
+    """SHA-256 over the embedding, final layer norm and last layer's fc2 bias, as stored."""
+    h = hashlib.sha256()
+    for t in (model.embed_tokens.weight, model.emb_layer_norm_after.weight, model.layers[-1].fc2.bias):
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def canonical_inv_freq(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """RoPE inverse frequencies for head dimension ``dim`` in ``dtype``.
+
+    float64: computed in float64 from the definition ``1 / 10000^(2i/dim)``. Every other dtype:
+    computed in float32 exactly as ``esm.rotary_embedding.RotaryEmbedding.__init__`` does, then
+    cast, which is what ``model.to(dtype)`` produces from a freshly built model.
+    """
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=compute) / dim))
+    return inv.to(device=device, dtype=dtype)
+
+
+def reset_rotary_caches(model: ESM2) -> None:
+    """Drop fair-esm's cos/sin tables (keyed on length and device, not dtype)."""
+    for layer in model.layers:
+        rot = layer.self_attn.rot_emb
+        rot._seq_len_cached = None
+        rot._cos_cached = None
+        rot._sin_cached = None
+
+
+def set_precision(model: ESM2, device: torch.device, dtype: torch.dtype) -> None:
+    """Move ``model`` to ``device``/``dtype`` in place, with no state carried over.
+
+    Weights are converted in place, so only one copy is ever held (an up-cast after a down-cast
+    is exact: the reference then computes on the very weights the low-precision paths used).
+    Rotary inverse frequencies are rewritten from their definition and the rotary caches are
+    cleared (see the module docstring).
+    """
+    model.to(device=device, dtype=dtype)
+    for layer in model.layers:
+        rot = layer.self_attn.rot_emb
+        rot.inv_freq = canonical_inv_freq(layer.self_attn.head_dim, dtype, device)
+    reset_rotary_caches(model)
+
+
+def model_dtype(model: ESM2) -> torch.dtype:
+    return model.embed_tokens.weight.dtype
+
+
+def model_device(model: ESM2) -> torch.device:
+    return model.embed_tokens.weight.device
+
+
+@contextlib.contextmanager
+def strict_fp32_matmul():
+    """Run float32 matmuls in full float32 (no TF32) and restore the caller's settings after."""
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _check_esm_version() -> str:
+    return getattr(esm, "__version__", None) or esm.version.version
