@@ -1,0 +1,145 @@
+"""Varlen attention backends for the packed path.
+
+Every backend has the same contract::
+
+    attend(q, k, v, cu_seqlens, max_seqlen, scale) -> out
+    # q, k, v, out: (N, H, d) packed tokens; cu_seqlens: (S + 1,) int32 on q's device;
+    # attention never crosses a cu_seqlens boundary; scale multiplies q.k (None = 1/sqrt(d))
+
+Backends:
+
+* ``flash-attn`` -- ``flash_attn.flash_attn_varlen_func`` from the flash-attn package
+  (CUDA, float16/bfloat16).
+* ``torch-varlen`` -- PyTorch's built-in FlashAttention-2 varlen kernel,
+  ``torch.nn.attention.varlen.varlen_attn`` (CUDA, float16/bfloat16).
+* ``math`` -- an exact implementation that runs anywhere, in any dtype: for each sequence,
+  ``softmax(q k^T) v`` with the same numerics as fair-esm's own attention (scores and the
+  output product in the model dtype, softmax in float32).
+
+``auto`` picks the first of these that can run on the device and dtype.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tracer.errors import TracerError
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, "float | None"], torch.Tensor]
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A resolved attention backend.
+
+    Attributes:
+        name: ``flash-attn``, ``torch-varlen`` or ``math``.
+        attend: the function (contract in the module docstring).
+        deterministic: whether its forward gives bit-identical results run to run.
+        version: package version, where there is one.
+    """
+
+    name: str
+    attend: Attend
+    deterministic: bool
+    version: str | None = None
+
+
+def math_attention(q, k, v, cu_seqlens, max_seqlen, scale):
+    """Exact per-sequence attention with fair-esm's numerics (see module docstring)."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs = q[start:end].transpose(0, 1)  # (H, L, d)
+        ks = k[start:end].transpose(0, 1)
+        vs = v[start:end].transpose(0, 1)
+        s = qs.shape[-1] ** -0.5 if scale is None else scale
+        if s != 1.0:  # the packed path pre-scales q like fair-esm and passes 1.0
+            qs = qs * s
+        w = torch.bmm(qs, ks.transpose(1, 2))  # (H, L, L) in the model dtype, like fair-esm
+        p = F.softmax(w.float(), dim=-1).type_as(w)  # softmax in float32, like fair-esm
+        out[start:end] = torch.bmm(p, vs).transpose(0, 1)  # (L, H, d)
+    return out
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+
+
+def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        dropout_p=0.0, softmax_scale=scale, causal=False,
+    )
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # not installed, or installed without a working CUDA build
+        return False
+    return True
+
+
+def has_torch_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = ("auto", "flash-attn", "torch-varlen", "math")
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend ``name`` for ``device``/``dtype``, or a :class:`TracerError` saying why not."""
+    cuda = device.type == "cuda"
+    half = dtype in HALF_DTYPES
+    if name == "auto":
+        if cuda and half and has_flash_attn():
+            return resolve("flash-attn", device, dtype)
+        if cuda and half and has_torch_varlen():
+            return resolve("torch-varlen", device, dtype)
+        return resolve("math", device, dtype)
+    if name == "math":
+        return Backend("math", math_attention, deterministic=True)
+    if name in ("flash-attn", "torch-varlen"):
+        if not cuda:
+            raise TracerError(f"--attn {name} needs a CUDA device; use --attn math on {device.type}")
+        if not half:
+            raise TracerError(
+                f"--attn {name} runs in float16/bfloat16 only, not {str(dtype).removeprefix('torch.')}; "
+                "use --dtype bfloat16 or --attn math"
+            )
+        if name == "flash-attn":
+            if not has_flash_attn():
+                raise TracerError(
+                    "--attn flash-attn: the flash-attn package is not installed "
+                    "(pip install 'tracer[flash]' on a CUDA machine), or use --attn torch-varlen"
+                )
+            return Backend("flash-attn", _flash_attn, deterministic=True, version=_version("flash-attn"))
+        if not has_torch_varlen():
+            raise TracerError(
+                f"--attn torch-varlen needs torch.nn.attention.varlen (PyTorch >= 2.10), "
+                f"this is torch {torch.__version__}"
+            )
+        return Backend("torch-varlen", _torch_varlen, deterministic=True, version=torch.__version__)
+    raise TracerError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
