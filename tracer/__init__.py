@@ -1,0 +1,29 @@
+"""tracer: a layer-by-layer numerical divergence tracer for packed vs padded ESM-2 forwards.
+
+Read API::
+
+    import tracer
+    t = tracer.open_trace("traces/run.h5")
+    t.summary["first_divergence"]                   # the verdict the run stored
+    q = t.tap("packed", "layers.0.q_rope")          # torch tensor, (N, H, d), canonical rows
+    large = t.tap("unpacked", "layers.35.resid_out", rows=t.token_slice("large"))
+    summary = tracer.summarize(t)                   # re-judge from the tensors
+
+Command line: ``python -m tracer.run``, ``tracer.compare``, ``tracer.plot``, ``tracer.bundle``,
+``tracer.bench``.
+"""
+
+from tracer.errors import TracerError
+from tracer.store import Trace, open_trace
+
+__version__ = "0.1.0"
+
+
+def summarize(trace, rule=None, recompute=True):
+    """Judge a trace (see :func:`tracer.compare.summarize`)."""
+    from tracer.compare import summarize as _summarize
+
+    return _summarize(trace, rule, recompute)
+
+
+__all__ = ["TracerError", "Trace", "open_trace", "summarize", "__version__"]

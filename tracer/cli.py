@@ -1,0 +1,97 @@
+"""Shared command-line plumbing: one-line errors, warnings, and the verdict-rule options."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import warnings
+
+from tracer.errors import TracerError
+from tracer.verdict import NOISE_FACTOR, PLAIN_MAX_REL_L2, Rule
+from tracer.taps import SITES
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and a pointer to --help), exit status 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main_guard(fn):
+    """Run a CLI ``main``: :class:`TracerError` -> one line on stderr and exit 2; Ctrl-C -> 130."""
+
+    @functools.wraps(fn)
+    def wrapper(argv=None) -> int:
+        def show(message, category, filename, lineno, file=None, line=None):
+            print(f"tracer: warning: {message}", file=sys.stderr)
+
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            try:
+                return fn(argv)
+            except TracerError as e:
+                print(f"tracer: error: {e}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print("tracer: interrupted (no trace was written)", file=sys.stderr)
+                return 130
+
+    return wrapper
+
+
+def _threshold(text: str):
+    site, eq, value = text.rpartition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not VALUE or SITE=VALUE") from None
+    if eq and site not in SITES and site not in ("embed", "final_norm"):
+        raise argparse.ArgumentTypeError(f"unknown site {site!r} in {text!r}; sites: {', '.join(SITES)}, embed, final_norm")
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"threshold {text!r} must be positive")
+    return (site or None, number)
+
+
+def add_rule_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("verdict rule (README: 'How the verdict is decided')")
+    g.add_argument(
+        "--rule", choices=("noise", "plain"), default=None,
+        help="noise: relative L2 error above K x the tap's noise level, estimated against the reference "
+        "(default when a reference was traced); plain: fixed thresholds (default otherwise)",
+    )
+    g.add_argument("--noise-factor", type=float, default=None, metavar="K", help=f"K of the noise rule (default {NOISE_FACTOR:g})")
+    g.add_argument(
+        "--max-rel-l2", type=_threshold, action="append", default=[], metavar="[SITE=]VALUE",
+        help="plain rule: relative L2 threshold, globally or for one site (repeatable), e.g. "
+        f"--max-rel-l2 0.02 --max-rel-l2 q_rope=0.1 (defaults: {', '.join(f'{k} {v:g}' for k, v in PLAIN_MAX_REL_L2.items())})",
+    )
+    g.add_argument("--min-cos", type=float, default=None, metavar="VALUE", help="plain rule: also diverged when cosine similarity < VALUE")
+
+
+def global_threshold(args) -> float | None:
+    """The last ``--max-rel-l2 VALUE`` without a site, if any."""
+    values = [v for s, v in args.max_rel_l2 if s is None]
+    return values[-1] if values else None
+
+
+def rule_from_args(args, dtype: str, has_reference: bool) -> Rule | None:
+    """The :class:`Rule` the options ask for, or ``None`` when none was given (run defaults)."""
+    value = global_threshold(args)
+    sites = {s: v for s, v in args.max_rel_l2 if s is not None}
+    if args.rule is None and args.noise_factor is None and not args.max_rel_l2 and args.min_cos is None:
+        return None
+    kind = args.rule or ("plain" if (args.max_rel_l2 or args.min_cos is not None) else ("noise" if has_reference else "plain"))
+    if kind == "noise" and not has_reference:
+        raise TracerError("--rule noise needs a reference path; trace with --reference fp32 (or fp64), or use --rule plain")
+    if args.noise_factor is not None and not args.noise_factor > 0:
+        raise TracerError(f"--noise-factor must be positive, got {args.noise_factor}")
+    return Rule(
+        kind=kind,
+        noise_factor=args.noise_factor if args.noise_factor is not None else NOISE_FACTOR,
+        max_rel_l2=value if value is not None else PLAIN_MAX_REL_L2[dtype],
+        site_max_rel_l2=sites,
+        min_cos=args.min_cos,
+    )

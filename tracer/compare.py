@@ -1,0 +1,230 @@
+"""The comparator, working from trace files alone: ``python -m tracer.compare TRACE.h5 [B.h5]``.
+
+One trace: per-token metrics are recomputed from the stored tensors (streaming: one tap of each
+path in memory at a time, so peak memory does not grow with the number of layers), or read from
+the stored metrics for ``--metrics-only`` traces and slim bundles; then judged by the rule the
+run used or the one given here, and printed as text or (``--json``) the same JSON object that
+``tracer.run --json`` prints.
+
+Two traces (before/after a fix, or the same command twice): refused unless model, weights,
+sequences and taps match; otherwise, for every path in both, the first token that is not
+bit-identical and the first that differs by more than the plain threshold.
+
+Example::
+
+    python -m tracer.compare traces/run.h5 --table
+    python -m tracer.compare before.h5 after.h5 --json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from tracer.capture import PAIRS, ROUNDED
+from tracer.cli import Parser, add_rule_options, global_threshold, main_guard, rule_from_args
+from tracer.env import resolve_dtype
+from tracer.errors import TracerError
+from tracer.metrics import METRICS, round_to, token_metrics
+from tracer.store import Trace, open_trace
+from tracer.tracing import batch_description, default_rule, summary_context
+from tracer.verdict import PAIR, MetricsTable, Point, Rule, Summary, judge
+from tracer.taps import parse_tap
+
+
+def stored_table(trace: Trace) -> MetricsTable:
+    """The metrics the run stored (``/metrics``, ``/local``)."""
+    if "metrics" not in trace.file:
+        raise TracerError(f"{trace.path} has no stored metrics")
+
+    def read(group: str) -> tuple[list[str], dict]:
+        g = trace.file[group]
+        taps = [t.decode() if isinstance(t, bytes) else t for t in g["taps"][()]]
+        pairs = {p: {m: g[p][m][()] for m in METRICS} for p in g if p != "taps"}
+        return taps, pairs
+
+    taps, pairs = read("metrics")
+    local = read("local")[1] if "local" in trace.file else {}
+    if PAIR not in pairs:
+        raise TracerError(f"{trace.path} is missing its {PAIR} metrics")
+    return MetricsTable(taps, pairs, local)
+
+
+def recomputed_table(trace: Trace) -> MetricsTable:
+    """Per-token metrics recomputed from the stored tensors, one tap at a time."""
+    paths = trace.paths
+    for needed in ("unpacked", "packed"):
+        if needed not in paths:
+            raise TracerError(f"{trace.path} has no {needed} tensors to compare (it has: {', '.join(paths) or 'none'})")
+    names = trace.meta.get("taps") or trace.taps("unpacked")
+    missing = [(p, n) for p in paths for n in names if not trace.has_tap(p, n)]
+    if missing:
+        p, n = missing[0]
+        raise TracerError(f"{trace.path} is missing tap {n} of path {p} ({len(missing)} taps missing in all)")
+    run_dtype = resolve_dtype(trace.meta["dtype"])
+    pairs = {k: v for k, v in PAIRS.items() if set(v) <= set(paths)}
+    grids = {p: np.full((len(names), len(METRICS), trace.n_tokens), np.nan, dtype=np.float32) for p in pairs}
+    if "reference" in paths:
+        grids[ROUNDED] = np.full((len(names), len(METRICS), trace.n_tokens), np.nan, dtype=np.float32)
+    for i, name in enumerate(names):
+        tensors = {p: trace.tap(p, name) for p in paths}  # one tap of each path in memory
+        for pair, (a, b) in pairs.items():
+            grids[pair][i] = _stack(token_metrics(tensors[a], tensors[b]))
+        if "reference" in paths:
+            ref = tensors["reference"]
+            grids[ROUNDED][i] = _stack(token_metrics(round_to(ref, run_dtype), ref))
+        del tensors
+    table = {p: {m: g[:, j] for j, m in enumerate(METRICS)} for p, g in grids.items()}
+    local = stored_table(trace).local if "local" in trace.file else {}
+    return MetricsTable(list(names), table, local)
+
+
+def _stack(m) -> np.ndarray:
+    return np.stack([m[k].float().numpy() for k in METRICS])
+
+
+def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) -> Summary:
+    """Judge one trace (recomputing metrics from tensors when it has them)."""
+    has_tensors = {"unpacked", "packed"} <= set(trace.paths)
+    table = recomputed_table(trace) if recompute and has_tensors else stored_table(trace)
+    meta = trace.meta
+    has_ref = table.has("packed-vs-reference")
+    rule = rule or default_rule(meta["dtype"], has_ref)
+    if rule.kind == "noise" and not has_ref:
+        raise TracerError(f"{trace.path} has no reference path, so the noise rule cannot apply; use --rule plain")
+    ids = [s.id for s in trace.sequences]
+    seqs = trace.sequences
+    batch = batch_description_from(seqs, meta.get("pack_order", "given"))
+    return judge(table, trace.layout, ids, rule, summary_context(meta, batch), trace=str(trace.path))
+
+
+def batch_description_from(seqs, pack_order: str) -> str:
+    from tracer.sequences import Sequence
+
+    return batch_description([Sequence(s.id, s.residues, s.length) for s in seqs], pack_order)
+
+
+def check_comparable(a: Trace, b: Trace) -> list[str]:
+    """Raise :class:`TracerError` with the reason when two traces cannot be compared; return common paths."""
+    ma, mb = a.meta, b.meta
+    if ma["model"] != mb["model"] or ma.get("architecture") != mb.get("architecture"):
+        raise TracerError(f"the traces are of different models: {ma['model']} vs {mb['model']}")
+    fa, fb = ma["weights"]["fingerprint"], mb["weights"]["fingerprint"]
+    if fa != fb:
+        raise TracerError(
+            f"the traces used different weights ({ma['weights']['source']} {fa} vs {mb['weights']['source']} {fb})"
+        )
+    sa = [(s.id, s.residues) for s in a.sequences]
+    sb = [(s.id, s.residues) for s in b.sequences]
+    if sa != sb:
+        ia, ib = [s[0] for s in sa], [s[0] for s in sb]
+        why = f"ids {ia} vs {ib}" if ia != ib else "the same ids hold different residues"
+        raise TracerError(f"the traces are of different sequences: {why}")
+    common = [p for p in a.paths if p in b.paths]
+    if not common:
+        raise TracerError(
+            f"the traces share no path with tensors ({a.path.name}: {', '.join(a.paths) or 'metrics only'}; "
+            f"{b.path.name}: {', '.join(b.paths) or 'metrics only'})"
+        )
+    for p in common:
+        ta, tb = a.taps(p), b.taps(p)
+        if ta != tb:
+            only_a = sorted(set(ta) - set(tb))[:3]
+            only_b = sorted(set(tb) - set(ta))[:3]
+            raise TracerError(
+                f"the traces recorded different taps for {p}: only in {a.path.name}: {only_a or 'none'}; "
+                f"only in {b.path.name}: {only_b or 'none'}"
+            )
+    return common
+
+
+def compare_traces(a: Trace, b: Trace, max_rel_l2: float | None = None) -> dict:
+    """First difference and first divergence of each common path between two traces."""
+    paths = check_comparable(a, b)
+    thr = max_rel_l2 if max_rel_l2 is not None else default_rule(a.meta["dtype"], False).max_rel_l2
+    ids = [s.id for s in a.sequences]
+    result = {"traces": [str(a.path), str(b.path)], "max_rel_l2": thr, "paths": {}}
+    for p in paths:
+        first_diff = first_div = None
+        for name in a.taps(p):
+            ta, tb = a.tap(p, name), b.tap(p, name)
+            if ta.dtype != tb.dtype:
+                raise TracerError(f"{p} {name} is {ta.dtype} in one trace and {tb.dtype} in the other")
+            m = token_metrics(ta, tb)
+            rel = m["rel_l2"].numpy()
+            differs = ~(m["max_abs"].numpy() == 0)
+            if first_diff is None and differs.any():
+                first_diff = _two_trace_point(name, int(np.argmax(differs)), m, 0.0, a, ids)
+            over = ~(rel <= thr)
+            if first_div is None and over.any():
+                first_div = _two_trace_point(name, int(np.argmax(over)), m, thr, a, ids)
+            if first_div is not None:
+                break
+        result["paths"][p] = {
+            "identical": first_diff is None,
+            "first_difference": first_diff.to_json() if first_diff else None,
+            "first_divergence": first_div.to_json() if first_div else None,
+        }
+    return result
+
+
+def _two_trace_point(name, col, m, thr, trace, ids) -> Point:
+    layer, site = parse_tap(name)
+    seq, tok = trace.layout.token(col)
+    cd, rel, mx = (float(m[k][col]) for k in METRICS)
+    return Point(name, layer, site, ids[seq], seq, tok, 1.0 - cd, rel, mx, thr)
+
+
+def format_two(result: dict) -> str:
+    lines = [f"comparing {result['traces'][0]} (A) with {result['traces'][1]} (B), threshold rel L2 {result['max_rel_l2']:g}"]
+    for p, r in result["paths"].items():
+        if r["identical"]:
+            lines.append(f"{p:<10} bit-identical at every tap and token")
+            continue
+        d = r["first_difference"]
+        lines.append(f"{p:<10} first difference at {_where(d)} (rel L2 {d['rel_l2']:.3g})")
+        v = r["first_divergence"]
+        lines.append(f"{'':<10} first divergence at {_where(v)} (rel L2 {v['rel_l2']:.3g})" if v else f"{'':<10} no divergence above the threshold")
+    return "\n".join(lines)
+
+
+def _where(d: dict) -> str:
+    at = f"layer {d['layer']}, {d['tap']}" if d["layer"] is not None else d["tap"]
+    return f"{at}, sequence {d['sequence']}, token {d['token']}"
+
+
+def build_parser() -> Parser:
+    p = Parser(
+        prog="python -m tracer.compare",
+        description="Judge a tracer trace (first divergence, attribution, per-layer table), "
+        "or compare two traces of the same model and sequences.",
+    )
+    p.add_argument("traces", nargs="+", metavar="TRACE.h5", help="one trace, or two to compare with each other")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
+    p.add_argument("--table", action="store_true", help="also print the per-tap table (text output)")
+    p.add_argument("--stored", action="store_true", help="use the metrics stored at run time instead of recomputing them from the tensors")
+    add_rule_options(p)
+    return p
+
+
+@main_guard
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if len(args.traces) > 2:
+        raise TracerError("give one trace to judge, or two to compare with each other")
+    if len(args.traces) == 2:
+        with open_trace(args.traces[0]) as a, open_trace(args.traces[1]) as b:
+            result = compare_traces(a, b, global_threshold(args))
+        print(json.dumps(result, indent=2) if args.json else format_two(result))
+        return 0
+    with open_trace(args.traces[0]) as t:
+        rule = rule_from_args(args, t.meta["dtype"], has_reference="reference_dtype" in t.meta and t.meta["reference_dtype"] is not None)
+        summary = summarize(t, rule, recompute=not args.stored)
+    print(json.dumps(summary.to_json(), indent=2) if args.json else summary.format_text(table=args.table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

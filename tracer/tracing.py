@@ -1,0 +1,391 @@
+"""One traced run, end to end: load, run the paths, compare, write the trace atomically.
+
+Order of work, and the dtype of every step:
+
+1. Load the model in its stored precision (float32 for fair-esm releases; random init is
+   float32) on the CPU, then convert it in place to the run dtype on the run device.
+2. ``unpacked``: fair-esm's ``ESM2.forward`` on the padded batch, in the run dtype.
+3. ``packed``: the same weights over the packed stream, in the run dtype (RoPE per ``rope``).
+4. ``reference`` (if any): the model is converted in place to float32/float64 (exact up-cast
+   of the run-dtype weights; rotary state rebuilt), and the unpacked computation runs again
+   with TF32 off.
+5. ``--local``: back to the run dtype; each layer re-run on the other side's recorded input.
+6. Per-token metrics are computed in float64 as soon as both sides of a pair exist (on the
+   run device), stored as float32; the verdict is decided; meta, metrics and summary are
+   written, and the file is renamed into place.
+
+Only one copy of the weights exists at any time. Example::
+
+    result = trace(RunConfig(model="esm2_t6_8M_UR50D", weights="random", device="cpu"), debug_batch(400))
+    print(result.summary.format_text())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tracer import attention, models
+from tracer.capture import AsyncTapWriter, Collector
+from tracer.env import dtype_name, environment, resolve_device, resolve_dtype, tool_version
+from tracer.errors import TracerError
+from tracer.faults import Faults
+from tracer.metrics import METRICS, token_metrics
+from tracer.packed import ROPE_MODES, PackedESM2
+from tracer.paths import Batch, encode, run_packed, run_packed_layer, run_unpacked, run_unpacked_layer
+from tracer.sequences import Sequence
+from tracer.store import TraceWriter
+from tracer.taps import EMBED, parse_tap, select_taps, tap_name
+from tracer.verdict import PLAIN_MAX_REL_L2, MetricsTable, Rule, Summary, judge
+
+REFERENCES = ("auto", "fp32", "fp64", "none")
+_REF_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs besides its sequences (defaults are the CLI's).
+
+    Attributes:
+        model: fair-esm name; ``None`` = ``esm2_t36_3B_UR50D`` (or the checkpoint's own).
+        weights: ``auto``, ``random`` or a checkpoint path.
+        seed: seed of random weights.
+        trust_checkpoint: allow arbitrary pickled objects in the checkpoint.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        dtype: run dtype of both paths.
+        attn: attention backend of the packed path (``auto``, ``flash-attn``, ``torch-varlen``, ``math``).
+        packed_rope: ``fp32`` or ``model``.
+        reference: ``auto`` (fp32 for 16-bit runs, none otherwise), ``fp32``, ``fp64``, ``none``.
+        pack_order: order of sequences in the packed stream.
+        taps, layers: subsets to trace (``None`` = all).
+        metrics_only: compute metrics on the fly, store no tensors.
+        local: also re-run each layer on the other side's input (local vs inherited error).
+        compression: HDF5 compression of tensors.
+        out: trace path (``None`` = ``traces/<model>-<dtype>-<lengths>-<time>.h5``).
+        force: overwrite ``out`` if it exists.
+        faults: planted bugs (validation of the tool).
+        rule: verdict rule; ``None`` = noise rule with a reference, plain rule without.
+        command: the command line, recorded in the trace.
+    """
+
+    model: str | None = None
+    weights: str = "auto"
+    seed: int = 0
+    trust_checkpoint: bool = False
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    attn: str = "auto"
+    packed_rope: str = "fp32"
+    reference: str = "auto"
+    pack_order: str = "given"
+    taps: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    metrics_only: bool = False
+    local: bool = False
+    compression: str = "none"
+    out: str | None = None
+    force: bool = False
+    faults: Faults = field(default_factory=Faults)
+    rule: Rule | None = None
+    command: tuple[str, ...] = ()
+
+
+@dataclass
+class Result:
+    """What a run produced: the trace path, the verdict and the timings (seconds)."""
+
+    path: Path
+    summary: Summary
+    timings: dict
+    bytes_written: int
+
+
+def default_rule(dtype: str, has_reference: bool) -> Rule:
+    if has_reference:
+        return Rule(kind="noise", max_rel_l2=PLAIN_MAX_REL_L2[dtype])
+    return Rule(kind="plain", max_rel_l2=PLAIN_MAX_REL_L2[dtype])
+
+
+def reference_dtype(reference: str, dtype: torch.dtype) -> torch.dtype | None:
+    if reference not in REFERENCES:
+        raise TracerError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
+    if reference == "none":
+        return None
+    if reference == "auto":
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+    ref = _REF_DTYPES[reference]
+    if torch.finfo(ref).bits <= torch.finfo(dtype).bits:
+        raise TracerError(
+            f"--reference {reference} is not more precise than the run dtype {dtype_name(dtype)}; "
+            "use --reference fp64 (or none)"
+        )
+    return ref
+
+
+def default_out(arch_name: str, dtype: str, batch: list[Sequence]) -> Path:
+    lengths = "-".join(str(s.length) for s in batch[:4]) + ("-etc" if len(batch) > 4 else "")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("traces") / f"{arch_name}-{dtype}-L{lengths}-{stamp}.h5"
+
+
+class _Say:
+    """Progress lines on stderr (a layer ticker when stderr is a terminal)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"tracer: {msg}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def layers(self, modules, label: str):
+        if self.quiet or not self.tty:
+            yield
+            return
+        n = len(modules)
+        handles = [
+            m.register_forward_hook(lambda mod, i, o, k=k: print(f"\r  {label}: layer {k + 1}/{n}", end="", file=sys.stderr, flush=True))
+            for k, m in enumerate(modules)
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _deterministic():
+    """Deterministic algorithms where the backends allow (warn, don't fail, where they don't)."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+def _validate_faults(faults: Faults, batch: Batch, num_layers: int) -> None:
+    for p in faults.perturbations:
+        layer, _ = parse_tap(p.tap)
+        if layer is not None and layer >= num_layers:
+            raise TracerError(f"fault tap {p.tap}: the model has layers 0..{num_layers - 1}")
+        if not 0 <= p.sequence < len(batch.sequences):
+            raise TracerError(f"fault sequence index {p.sequence} out of range")
+        n = batch.layout.lengths[p.sequence]
+        if not 0 <= p.token < n:
+            raise TracerError(f"fault token {p.token}: sequence {batch.ids[p.sequence]!r} has tokens 0..{n - 1}")
+    if faults.layers is not None and any(not 0 <= i < num_layers for i in faults.layers):
+        raise TracerError(f"fault layers {list(faults.layers)}: the model has layers 0..{num_layers - 1}")
+
+
+def _oom_message(names: list[str], batch: Batch, arch, dtype: torch.dtype, device: torch.device) -> str:
+    per_token = arch.embed_dim * torch.finfo(dtype).bits // 8
+    need = len(names) * batch.layout.n_tokens * per_token
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    have = f", {free / 2**30:.1f} GiB free" if free is not None else ""
+    return (
+        f"out of memory on {device} (the held taps of one path alone need about {need / 2**30:.2f} GiB{have}); "
+        "trace less with --taps, --layers or --metrics-only, or use shorter sequences"
+    )
+
+
+def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False) -> Result:
+    """Run, compare and write one trace (see module docstring)."""
+    say = _Say(quiet)
+    timings: dict[str, float] = {}
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first use)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype)
+    if dtype == torch.float64:
+        raise TracerError("--dtype float64 is a reference precision, not a run dtype; choose bfloat16, float16 or float32")
+    if config.packed_rope not in ROPE_MODES:
+        raise TracerError(f"unknown --packed-rope {config.packed_rope!r}; choose one of {', '.join(ROPE_MODES)}")
+    ref_dtype = reference_dtype(config.reference, dtype)
+    backend = attention.resolve(config.attn, device, dtype)  # before loading: fail fast
+    if dtype == torch.float16 and device.type == "cpu":
+        raise TracerError("--dtype float16 does not run on the CPU with fair-esm's ops; use bfloat16 or float32 (or --device cuda)")
+    if config.local and ref_dtype is None:
+        say("--local without a reference splits packed-vs-unpacked error only")
+
+    t0 = time.perf_counter()
+    model, arch, weights = models.load_model(config.model, config.weights, config.seed, config.trust_checkpoint, progress=say)
+    timings["load"] = time.perf_counter() - t0
+    names = select_taps(arch.num_layers, list(config.taps) if config.taps else None, list(config.layers) if config.layers is not None else None)
+    if config.local and not (EMBED in names and all(tap_name(i, "resid_out") in names for i in range(arch.num_layers - 1))):
+        raise TracerError("--local re-runs each layer on its recorded input: it needs all layers and the embed and resid_out taps")
+    batch = encode(sequences, model.alphabet, config.pack_order)
+    _validate_faults(config.faults, batch, arch.num_layers)
+    paths = ["unpacked", "packed"] + (["reference"] if ref_dtype is not None else [])
+    rule = config.rule or default_rule(dtype_name(dtype), ref_dtype is not None)
+    if rule.kind == "noise" and ref_dtype is None:
+        raise TracerError("the noise-aware rule needs a reference; use --reference fp32/fp64 or --rule plain")
+    out = Path(config.out) if config.out else default_out(arch.name, dtype_name(dtype), sequences)
+
+    meta = {
+        "tool_version": tool_version(),
+        "command": list(config.command),
+        "model": arch.name,
+        "architecture": {"num_layers": arch.num_layers, "embed_dim": arch.embed_dim, "heads": arch.heads},
+        "weights": weights.to_dict(),
+        "dtype": dtype_name(dtype),
+        "reference_dtype": dtype_name(ref_dtype) if ref_dtype is not None else None,
+        "attention": {"backend": backend.name, "version": backend.version, "deterministic": backend.deterministic},
+        "packed_rope": config.packed_rope,
+        "pack_order": config.pack_order,
+        "taps": names,
+        "metrics_only": config.metrics_only,
+        "local": config.local,
+        "compression": config.compression,
+        "faults": config.faults.to_dict(),
+        "faults_description": config.faults.describe(),
+        "deterministic_algorithms": True,
+        "environment": environment(device),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    say(
+        f"{arch.name} {dtype_name(dtype)} on {meta['environment']['device_name']} ({device}); attention {backend.name}; "
+        f"reference {meta['reference_dtype'] or 'none'}; {len(names)} taps x {batch.layout.n_tokens} tokens"
+    )
+
+    with TraceWriter(out, force=config.force, compression=config.compression) as writer, _deterministic(), torch.inference_mode():
+        writer.write_sequences(batch.ids, [s.residues for s in sequences], [s.length for s in sequences], batch.layout)
+        async_writer = None if config.metrics_only else AsyncTapWriter(writer)
+        keep = {"unpacked", "reference"} if config.local else set()
+        collector = Collector(names, paths, dtype, async_writer, keep=keep)
+        try:
+            models.set_precision(model, device, dtype)
+            packed = PackedESM2(model, backend, rope=config.packed_rope, faults=config.faults)
+            t = time.perf_counter()
+            say(f"unpacked path: fair-esm forward, padded batch {tuple(batch.padded.shape)}, {dtype_name(dtype)}")
+            with say.layers(model.layers, "unpacked"):
+                run_unpacked(model, batch, names, collector.recorder("unpacked"), config.faults)
+            say(f"packed path: {batch.layout.n_tokens} tokens, cu_seqlens {batch.layout.cu_seqlens.tolist()}, RoPE {config.packed_rope}")
+            with say.layers(packed.layers, "packed"):
+                run_packed(packed, batch, names, collector.recorder("packed"))
+            _sync(device)
+            timings["paths"] = time.perf_counter() - t
+            if ref_dtype is not None:
+                t = time.perf_counter()
+                say(f"reference: fair-esm forward in {dtype_name(ref_dtype)} on the same weights")
+                models.set_precision(model, device, ref_dtype)
+                with models.strict_fp32_matmul(), say.layers(model.layers, "reference"):
+                    run_unpacked(model, batch, names, collector.recorder("reference"))
+                _sync(device)
+                timings["reference"] = time.perf_counter() - t
+            local_table = {}
+            if config.local:
+                t = time.perf_counter()
+                say("local: re-running every layer on the other side's recorded input")
+                models.set_precision(model, device, dtype)
+                local_table = _local(model, packed, batch, names, collector, dtype, arch.num_layers)
+                timings["local"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if async_writer is not None:
+                async_writer.close()
+                async_writer = None
+            timings["write_wait"] = time.perf_counter() - t
+        except torch.cuda.OutOfMemoryError:
+            raise TracerError(_oom_message(names, batch, arch, dtype, device)) from None
+        finally:
+            if async_writer is not None:  # failure path: stop the thread before the file is removed
+                with contextlib.suppress(BaseException):
+                    async_writer.close()
+        table = MetricsTable(names, collector.table(), local_table)
+        writer.write_metrics("metrics", names, table.pairs)
+        if local_table:
+            writer.write_metrics("local", names, local_table)
+        context = summary_context(meta, batch_description(sequences, config.pack_order))
+        summary = judge(table, batch.layout, batch.ids, rule, context, trace=str(out))
+        writer.set_json("meta", meta)
+        writer.set_json("summary", summary.to_json())
+        bytes_written = writer.bytes_written
+        path = writer.commit()
+    return Result(path, summary, timings, bytes_written)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batch_description(sequences: list[Sequence], pack_order: str) -> str:
+    shown = ", ".join(f"{s.id} ({s.length})" for s in sequences[:6])
+    more = f", ... {len(sequences)} sequences" if len(sequences) > 6 else ""
+    return f"{shown}{more} residues; packed in {pack_order} order"
+
+
+def summary_context(meta: dict, batch: str) -> dict:
+    """The run facts a summary prints (no timestamps: summaries diff cleanly)."""
+    w = meta["weights"]
+    weights = f"random init, seed {w['seed']}" if w["source"] == "random" else f"{w['source']} {w['path']}"
+    return {
+        "model": meta["model"],
+        "weights": weights,
+        "dtype": meta["dtype"],
+        "reference": meta["reference_dtype"],
+        "device": f"{meta['environment']['device']} ({meta['environment']['device_name']})",
+        "backend": meta["attention"]["backend"],
+        "packed_rope": meta["packed_rope"],
+        "batch": batch,
+        "faults": meta.get("faults_description", "none"),
+    }
+
+
+def _to_padded(x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Canonical ``(N, E)`` -> fair-esm's ``(T, B, E)``, padding rows zero."""
+    b, t = batch.padded.shape
+    flat = x.new_zeros(b * t, x.shape[-1])
+    flat.index_copy_(0, batch.layout.canonical_from_padded(t).to(x.device), x)
+    return flat.view(b, t, -1).transpose(0, 1)  # (T, B, E)
+
+
+def _to_packed(x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    if batch.layout.is_identity:
+        return x
+    return x.index_select(0, batch.layout.packed_from_canonical.to(x.device))
+
+
+def _local(model, packed, batch, names, collector, dtype, num_layers) -> dict:
+    """Re-run each layer on the other side's recorded input: error born here vs inherited."""
+    held_u = collector.held["unpacked"]
+    held_r = collector.held.get("reference", {})
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for layer in range(num_layers):
+        layer_names = [n for n in names if parse_tap(n)[0] == layer]
+        inp = EMBED if layer == 0 else tap_name(layer - 1, "resid_out")
+        runs = [("packed-vs-unpacked", "packed", held_u[inp], held_u)]
+        if held_r:
+            runs += [
+                ("packed-vs-reference", "packed", held_r[inp].to(dtype), held_r),
+                ("unpacked-vs-reference", "unpacked", held_r[inp].to(dtype), held_r),
+            ]
+        for pair, path, x, against in runs:
+            rec: dict[str, torch.Tensor] = {}
+            if path == "packed":
+                run_packed_layer(packed, layer, _to_packed(x, batch), batch, layer_names, rec.__setitem__)
+            else:
+                run_unpacked_layer(model, layer, _to_padded(x, batch), batch, layer_names, rec.__setitem__, packed.faults)
+            for n in layer_names:
+                m = token_metrics(rec[n], against[n])
+                out.setdefault(pair, {})[n] = torch.stack([m[k] for k in METRICS]).float().cpu()
+    table = {}
+    n_tok = batch.layout.n_tokens
+    for pair, by_tap in out.items():
+        grid = torch.full((len(names), 3, n_tok), float("nan"))
+        for i, n in enumerate(names):
+            if n in by_tap:
+                grid[i] = by_tap[n]
+        table[pair] = {m: grid[:, j].numpy() for j, m in enumerate(METRICS)}
+    return table
+
+

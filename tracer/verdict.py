@@ -1,0 +1,472 @@
+"""Judging per-token metrics: the first-divergence rule, attribution, and their records.
+
+Input is a :class:`MetricsTable` (per pair, per tap, per token metrics); output is a
+:class:`Summary`. Two rules decide whether a token has diverged at a tap:
+
+**noise** (default whenever a reference was traced). The noise level of tap ``s`` is::
+
+    noise(s) = max( floor(s), min( median_t e_packed(s, t), median_t e_unpacked(s, t) ) )
+
+where ``e_path(s, t)`` is the relative L2 error of that path against the high-precision
+reference at token ``t``, and ``floor(s)`` is the median relative L2 error of the reference
+itself rounded to the run dtype (the error of merely *storing* the exact values in bfloat16).
+The typical (median over tokens) error of the better path is what a healthy low-precision
+implementation achieves at that tap; taking the better path keeps a fault in one path, or one
+that hits a minority of tokens, from raising the bar. A token *diverges* (packed vs unpacked)
+when ``rel_l2(packed, unpacked) > K * noise(s)``, and a path *drifts* when
+``e_path(s, t) > K * noise(s)``. This is the rule of FlashAttention's own test suite (the
+kernel's error against a float32 reference may be at most 2x the error of a plain
+low-precision implementation), applied per token against a median, with ``K`` calibrated on
+fault-free runs (README, "How the verdict is decided").
+
+**plain**: ``rel_l2(packed, unpacked) > max_rel_l2`` (per-dtype default, per-site overrides),
+optionally also ``cos < min_cos``.
+
+Walk order: taps in data-flow order (``embed``, layer 0 ``q_rope`` ... ``resid_out``, layer 1
+..., ``final_norm``), then sequences in input order, then tokens. The *first divergence* is
+the first diverging (tap, token) in that order. NaN never passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tracer.taps import EMBED, FINAL, parse_tap
+
+NOISE_FACTOR = 8.0
+"""K of the noise rule (README: calibration on fault-free runs gave at most 2.3; 8 leaves margin)."""
+
+PLAIN_MAX_REL_L2 = {"float32": 1e-3, "float64": 1e-6, "float16": 1e-2, "bfloat16": 5e-2}
+"""Plain-rule default thresholds on relative L2 error, per run dtype (README explains)."""
+
+PAIR = "packed-vs-unpacked"
+VS_REF = {"packed": "packed-vs-reference", "unpacked": "unpacked-vs-reference"}
+ROUNDED = "rounded-vs-reference"
+
+
+@dataclass
+class MetricsTable:
+    """Per-token metrics of one trace.
+
+    Attributes:
+        taps: tap names, walk order (rows of every array).
+        pairs: ``{pair: {metric: (T, N) float array}}``; metrics ``cos_dist``, ``max_abs``, ``rel_l2``.
+        local: same for the per-layer re-runs (``tracer.run --local``), or empty.
+    """
+
+    taps: list[str]
+    pairs: dict[str, dict[str, np.ndarray]]
+    local: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def has(self, pair: str) -> bool:
+        return pair in self.pairs
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a token is judged.
+
+    Attributes:
+        kind: ``noise`` (needs a reference) or ``plain``.
+        noise_factor: K of the noise rule.
+        max_rel_l2: plain threshold on relative L2 error.
+        site_max_rel_l2: per-site plain overrides, e.g. ``{"q_rope": 0.1}``.
+        min_cos: optional plain threshold on cosine similarity.
+    """
+
+    kind: str = "noise"
+    noise_factor: float = NOISE_FACTOR
+    max_rel_l2: float = 5e-2
+    site_max_rel_l2: dict = field(default_factory=dict)
+    min_cos: float | None = None
+
+    def describe(self) -> str:
+        if self.kind == "noise":
+            return f"noise-aware: rel L2 > {self.noise_factor:g} x the tap's noise level"
+        extra = "".join(f", {k} {v:g}" for k, v in sorted(self.site_max_rel_l2.items()))
+        cos = f" or cos < {self.min_cos:g}" if self.min_cos is not None else ""
+        return f"plain: rel L2 > {self.max_rel_l2:g}{extra}{cos}"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One (tap, sequence, token) with its metric values.
+
+    Attributes:
+        name: full tap name; ``layer``/``tap``: its layer (``None`` for embed/final_norm) and site.
+        sequence/sequence_index/token: which token (0 = ``<cls>``, residues 1..L).
+        cos, rel_l2, max_abs: metric values of the pair being judged at that token.
+        threshold: the relative-L2 bar it was judged against; ``noise``: noise level (noise rule).
+        path: for drift points, the path that drifted.
+    """
+
+    name: str
+    layer: int | None
+    tap: str
+    sequence: str
+    sequence_index: int
+    token: int
+    cos: float | None
+    rel_l2: float | None
+    max_abs: float | None
+    threshold: float
+    noise: float | None = None
+    path: str | None = None
+
+    def where(self) -> str:
+        at = f"layer {self.layer}, {self.tap}" if self.layer is not None else self.tap
+        return f"{at}, sequence {self.sequence}, token {self.token}"
+
+    def to_json(self) -> dict:
+        return {k: _num(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class TapStats:
+    """Per-tap summary over all tokens: the pair's worst values, and each path's error vs the reference."""
+
+    name: str
+    layer: int | None
+    tap: str
+    min_cos: float
+    max_rel_l2: float
+    median_rel_l2: float
+    max_abs: float
+    diverged_tokens: int
+    threshold: float
+    noise: float | None
+    floor: float | None
+    vs_reference: dict | None
+
+    def to_json(self) -> dict:
+        d = {k: _num(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        d.pop("name"), d.pop("layer"), d.pop("tap")
+        return d
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Which path moved away from the reference.
+
+    Attributes:
+        drifting: ``packed``, ``unpacked``, ``both`` or ``neither``.
+        first: the earliest drift point of either path (``None`` if neither drifts).
+        packed/unpacked: each path's first drift point.
+        explained_by: which path(s) had drifted by the first packed-vs-unpacked divergence:
+            ``packed``, ``unpacked``, ``both``, or ``neither`` (both within noise, but their
+            errors add up); ``None`` when the paths agree.
+        reference: reference dtype.
+    """
+
+    drifting: str
+    first: Point | None
+    packed: Point | None
+    unpacked: Point | None
+    explained_by: str | None
+    reference: str
+
+    def sentence(self) -> str:
+        ref = f"the {self.reference} reference"
+        if self.drifting == "neither":
+            return f"both paths stay within noise of {ref}"
+        if self.drifting == "both":
+            a, b = sorted([self.packed, self.unpacked], key=lambda p: _order(p))
+            return (
+                f"both paths drift from {ref}: {a.path} first at {a.where()} (rel L2 {a.rel_l2:.3g} > {a.threshold:.3g}), "
+                f"{b.path} at {b.where()}"
+            )
+        p = self.first
+        other = "packed" if p.path == "unpacked" else "unpacked"
+        return (
+            f"{p.path} drifts from {ref} first at {p.where()} (rel L2 {p.rel_l2:.3g} > {p.threshold:.3g}); "
+            f"{other} stays within noise"
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "drifting": self.drifting,
+            "first": self.first.to_json() if self.first else None,
+            "packed": self.packed.to_json() if self.packed else None,
+            "unpacked": self.unpacked.to_json() if self.unpacked else None,
+            "explained_by": self.explained_by,
+            "reference": self.reference,
+            "sentence": self.sentence(),
+        }
+
+
+@dataclass(frozen=True)
+class LocalLayer:
+    """Error born in one layer vs error it inherited, for one pair (``tracer.run --local``).
+
+    ``local_*``: the layer re-run on the other side's input; ``accumulated_*``: the normal run.
+    Values are the largest relative L2 error over the layer's taps and tokens.
+    """
+
+    layer: int
+    local_max_rel_l2: float
+    accumulated_max_rel_l2: float
+    born_here: bool
+
+
+@dataclass
+class Summary:
+    """The comparator's result for one trace (printable, JSON-able, stored in the trace)."""
+
+    trace: str
+    context: dict
+    rule: Rule
+    verdict: str
+    first_divergence: Point | None
+    attribution: Attribution | None
+    taps: list[TapStats]
+    local: dict[str, list[LocalLayer]]
+
+    @property
+    def diverged(self) -> bool:
+        return self.first_divergence is not None
+
+    def worst_layers(self, n: int = 3) -> list[tuple[int, float]]:
+        per_layer: dict[int, float] = {}
+        for s in self.taps:
+            if s.layer is not None and np.isfinite(s.max_rel_l2):
+                per_layer[s.layer] = max(per_layer.get(s.layer, 0.0), s.max_rel_l2)
+        return sorted(per_layer.items(), key=lambda kv: -kv[1])[:n]
+
+    def to_json(self) -> dict:
+        layers: dict[int, dict] = {}
+        extra = {}
+        for s in self.taps:
+            if s.layer is None:
+                extra[s.tap] = s.to_json()
+            else:
+                layers.setdefault(s.layer, {})[s.tap] = s.to_json()
+        return {
+            "trace": self.trace,
+            **self.context,
+            "rule": {**asdict(self.rule), "description": self.rule.describe()},
+            "verdict": self.verdict,
+            "first_divergence": self.first_divergence.to_json() if self.first_divergence else None,
+            "attribution": self.attribution.to_json() if self.attribution else None,
+            "worst_layers": [{"layer": i, "max_rel_l2": _num(v)} for i, v in self.worst_layers()],
+            "layers": [{"layer": i, "taps": layers[i]} for i in sorted(layers)],
+            EMBED: extra.get(EMBED),
+            FINAL: extra.get(FINAL),
+            "local": {
+                pair: [{k: _num(v) if isinstance(v, float) else v for k, v in asdict(x).items()} for x in rows]
+                for pair, rows in self.local.items()
+            }
+            or None,
+        }
+
+    def format_text(self, table: bool = False) -> str:
+        c = self.context
+        lines = [
+            f"model     {c.get('model')} ({c.get('weights')}), {c.get('dtype')} on {c.get('device')}, "
+            f"attention {c.get('backend')}, packed RoPE {c.get('packed_rope')}",
+            f"batch     {c.get('batch')}",
+            f"rule      {self.rule.describe()}" + (f"; reference {c['reference']}" if c.get("reference") else "; no reference"),
+        ]
+        if c.get("faults") and c["faults"] != "none":
+            lines.append(f"faults    PLANTED: {c['faults']}")
+        fd = self.first_divergence
+        if fd is None:
+            lines.append("verdict   no divergence: packed and unpacked agree at every traced tap and token")
+        else:
+            noise = f" = {self.rule.noise_factor:g} x noise {fd.noise:.3g}" if fd.noise is not None else ""
+            lines.append(f"verdict   FIRST DIVERGENCE at {fd.where()}")
+            lines.append(
+                f"          packed vs unpacked: cos {_fmt_cos(fd.cos)}, rel L2 {_fmt(fd.rel_l2)}, "
+                f"max |diff| {_fmt(fd.max_abs)}; threshold {fd.threshold:.3g}{noise}"
+            )
+        if self.attribution is not None:
+            lines.append(f"attribution  {self.attribution.sentence()}")
+            if self.attribution.explained_by and fd is not None:
+                lines.append(f"          the divergence is explained by: {self.attribution.explained_by}")
+        else:
+            lines.append("attribution  none (no reference traced; run with --reference fp32)")
+        worst = ", ".join(f"layer {i} {v:.3g}" for i, v in self.worst_layers())
+        if worst:
+            lines.append(f"worst     layers by packed-vs-unpacked max rel L2: {worst}")
+        for pair, rows in self.local.items():
+            born = [r.layer for r in rows if r.born_here]
+            lines.append(f"local     {pair}: error born in layer(s) {born or 'none'} (re-run on the other side's input)")
+        if table:
+            lines.append(self.format_table())
+        return "\n".join(lines)
+
+    def format_table(self) -> str:
+        head = f"{'tap':<22} {'min cos':>10} {'max relL2':>10} {'med relL2':>10} {'thresh':>9} {'diverged':>8}"
+        if any(s.vs_reference for s in self.taps):
+            head += f" {'U-ref max':>10} {'P-ref max':>10}"
+        rows = [head]
+        for s in self.taps:
+            row = (
+                f"{s.name:<22} {_fmt_cos(s.min_cos):>10} {_fmt(s.max_rel_l2):>10} {_fmt(s.median_rel_l2):>10} "
+                f"{s.threshold:>9.3g} {s.diverged_tokens:>8}"
+            )
+            if s.vs_reference:
+                row += f" {_fmt(s.vs_reference['unpacked']['max_rel_l2']):>10} {_fmt(s.vs_reference['packed']['max_rel_l2']):>10}"
+            rows.append(row)
+        return "\n".join(rows)
+
+
+def _num(x):
+    if x is None:
+        return None
+    x = float(x)
+    return float(f"{x:.6g}") if np.isfinite(x) else None
+
+
+def _fmt(x) -> str:
+    return "nan" if x is None or not np.isfinite(x) else f"{x:.3g}"
+
+
+def _fmt_cos(x) -> str:
+    return "nan" if x is None or not np.isfinite(x) else f"{x:.6f}"
+
+
+def _order(p: Point):
+    return (p.sequence_index, p.token) if p is not None else (1 << 30,)
+
+
+def _median(rows: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        out = np.nanmedian(np.where(np.isfinite(rows), rows, np.nan), axis=1) if rows.size else np.zeros(len(rows))
+    return np.nan_to_num(out, nan=0.0)
+
+
+def thresholds(table: MetricsTable, rule: Rule) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Per-tap relative-L2 bars ``(T,)``, and the noise level and floor they came from (noise rule)."""
+    floor = _median(table.pairs[ROUNDED]["rel_l2"]) if table.has(ROUNDED) else None
+    if rule.kind == "noise":
+        if not (table.has(VS_REF["packed"]) and table.has(VS_REF["unpacked"])):
+            raise ValueError("the noise rule needs a reference")
+        typical = np.minimum(_median(table.pairs[VS_REF["packed"]]["rel_l2"]), _median(table.pairs[VS_REF["unpacked"]]["rel_l2"]))
+        noise = np.maximum(floor if floor is not None else 0.0, typical)
+        return rule.noise_factor * noise, noise, floor
+    sites = [parse_tap(n)[1] for n in table.taps]
+    bars = np.array([rule.site_max_rel_l2.get(s, rule.max_rel_l2) for s in sites], dtype=np.float64)
+    return bars, None, floor
+
+
+def _exceeds(rel: np.ndarray, bars: np.ndarray, cos_dist: np.ndarray | None = None, min_cos: float | None = None) -> np.ndarray:
+    bad = ~(rel <= bars[:, None])  # NaN never passes
+    if min_cos is not None and cos_dist is not None:
+        bad |= ~(1.0 - cos_dist >= min_cos)
+    return bad
+
+
+def _first(mask: np.ndarray) -> tuple[int, int] | None:
+    if not mask.any():
+        return None
+    flat = int(np.argmax(mask.reshape(-1)))
+    return divmod(flat, mask.shape[1])
+
+
+def _point(table, pair, row, col, bars, noise, layout, ids, path=None, group=None) -> Point:
+    metrics = (group or table.pairs)[pair]
+    name = table.taps[row]
+    layer, site = parse_tap(name)
+    seq, tok = layout.token(col)
+    cd = float(metrics["cos_dist"][row, col])
+    return Point(
+        name=name, layer=layer, tap=site, sequence=ids[seq], sequence_index=seq, token=tok,
+        cos=1.0 - cd if np.isfinite(cd) else None,
+        rel_l2=float(metrics["rel_l2"][row, col]) if np.isfinite(metrics["rel_l2"][row, col]) else None,
+        max_abs=float(metrics["max_abs"][row, col]) if np.isfinite(metrics["max_abs"][row, col]) else None,
+        threshold=float(bars[row]),
+        noise=float(noise[row]) if noise is not None else None,
+        path=path,
+    )
+
+
+def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict, trace: str = "") -> Summary:
+    """Apply ``rule`` to ``table``: first divergence, attribution, per-tap stats, local split."""
+    bars, noise, floor = thresholds(table, rule)
+    pair = table.pairs[PAIR]
+    min_cos = rule.min_cos if rule.kind == "plain" else None
+    diverged = _exceeds(pair["rel_l2"], bars, pair["cos_dist"], min_cos)
+    hit = _first(diverged)
+    first = _point(table, PAIR, *hit, bars, noise, layout, ids) if hit else None
+
+    attribution = None
+    drift_masks = {}
+    if table.has(VS_REF["packed"]) and table.has(VS_REF["unpacked"]):
+        points = {}
+        for path, key in VS_REF.items():
+            drift_masks[path] = _exceeds(table.pairs[key]["rel_l2"], bars)
+            h = _first(drift_masks[path])
+            points[path] = _point(table, key, *h, bars, noise, layout, ids, path=path) if h else None
+        found = [p for p in points.values() if p is not None]
+        drifting = {0: "neither", 1: found[0].path if found else "neither", 2: "both"}[len(found)]
+        earliest = min(found, key=lambda p: (table.taps.index(p.name), _order(p))) if found else None
+        explained = None
+        if hit is not None:
+            row, col = hit
+            by_then = [
+                path for path, m in drift_masks.items()
+                if m[:row].any() or m[row, : col + 1].any()
+            ]
+            explained = {0: "neither", 1: by_then[0] if by_then else "neither", 2: "both"}[len(by_then)]
+        attribution = Attribution(drifting, earliest, points["packed"], points["unpacked"], explained, context.get("reference") or "reference")
+
+    stats = []
+    for i, name in enumerate(table.taps):
+        layer, site = parse_tap(name)
+        rel = pair["rel_l2"][i]
+        vs_ref = None
+        if drift_masks:
+            vs_ref = {
+                path: {
+                    "max_rel_l2": _num(np.nanmax(table.pairs[VS_REF[path]]["rel_l2"][i]) if np.isfinite(table.pairs[VS_REF[path]]["rel_l2"][i]).any() else np.nan),
+                    "median_rel_l2": _num(_median(table.pairs[VS_REF[path]]["rel_l2"][i : i + 1])[0]),
+                    "drift_tokens": int(drift_masks[path][i].sum()),
+                }
+                for path in VS_REF
+            }
+        finite = rel[np.isfinite(rel)]
+        cds = pair["cos_dist"][i]
+        stats.append(TapStats(
+            name=name, layer=layer, tap=site,
+            min_cos=float(1.0 - np.nanmax(cds)) if np.isfinite(cds).any() else float("nan"),
+            max_rel_l2=float(finite.max()) if finite.size == rel.size and rel.size else float("nan"),
+            median_rel_l2=float(np.median(finite)) if finite.size else float("nan"),
+            max_abs=float(np.nanmax(pair["max_abs"][i])) if np.isfinite(pair["max_abs"][i]).any() else float("nan"),
+            diverged_tokens=int(diverged[i].sum()),
+            threshold=float(bars[i]),
+            noise=float(noise[i]) if noise is not None else None,
+            floor=float(floor[i]) if floor is not None else None,
+            vs_reference=vs_ref,
+        ))
+
+    local = {}
+    for lpair, metrics in table.local.items():
+        rows = []
+        layers = sorted({parse_tap(n)[0] for n in table.taps if parse_tap(n)[0] is not None})
+        acc_key = lpair if lpair in table.pairs else None
+        for layer in layers:
+            idx = [i for i, n in enumerate(table.taps) if parse_tap(n)[0] == layer]
+            loc = metrics["rel_l2"][idx]
+            acc = table.pairs[acc_key]["rel_l2"][idx] if acc_key else np.full_like(loc, np.nan)
+            born = bool(_exceeds(loc, bars[idx]).any())
+            rows.append(LocalLayer(layer, _nanmax(loc), _nanmax(acc), born))
+        local[lpair] = rows
+
+    return Summary(
+        trace=trace,
+        context=context,
+        rule=rule,
+        verdict="diverged" if first else "agree",
+        first_divergence=first,
+        attribution=attribution,
+        taps=stats,
+        local=local,
+    )
+
+
+def _nanmax(a: np.ndarray) -> float:
+    if not np.isfinite(a).all():
+        return float("nan") if np.isnan(a).any() else float("inf")
+    return float(a.max()) if a.size else float("nan")
