@@ -87,7 +87,7 @@ def _stack(m) -> np.ndarray:
 
 def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) -> Summary:
     """Judge one trace (recomputing metrics from tensors when it has them)."""
-    has_tensors = {"unpacked", "packed"} <= set(trace.paths)
+    has_tensors = trace.meta.get("tensors", "full") == "full" and {"unpacked", "packed"} <= set(trace.paths)
     table = recomputed_table(trace) if recompute and has_tensors else stored_table(trace)
     meta = trace.meta
     has_ref = table.has("packed-vs-reference")

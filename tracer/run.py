@@ -131,9 +131,10 @@ def main(argv=None) -> int:
     )
     result = trace(config, sequences, quiet=args.quiet)
     if args.plot:
-        from tracer.plot import plot_trace
+        from tracer.plot import plot_trace, use_file_backend
 
-        written = plot_trace(result.path, result.path.with_suffix(""), quiet=args.quiet)
+        use_file_backend()
+        written = plot_trace(result.path, None, quiet=args.quiet)
         if not args.quiet:
             print(f"tracer: plots in {written}", file=sys.stderr)
     if args.json:

@@ -246,7 +246,9 @@ class Trace:
         Args:
             path: ``unpacked``, ``packed`` or ``reference``.
             name: tap name, e.g. ``layers.3.q_rope``.
-            rows: optional slice/array of canonical rows (e.g. ``trace.token_slice("large")``).
+            rows: optional slice/array of canonical rows (e.g. ``trace.token_slice("large")``);
+                in a bundle's slim trace, a tap holds only rows ``ds.attrs["rows"]`` and
+                ``rows`` indexes what is stored.
             as_numpy: return numpy (bfloat16 decoded exactly to float32).
         """
         key = f"taps/{path}/{name}"

@@ -244,6 +244,7 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False) -> 
         "pack_order": config.pack_order,
         "taps": names,
         "metrics_only": config.metrics_only,
+        "tensors": "none" if config.metrics_only else "full",
         "local": config.local,
         "compression": config.compression,
         "faults": config.faults.to_dict(),

@@ -1,0 +1,236 @@
+"""A bug-report bundle from a trace: ``python -m tracer.bundle TRACE.h5 -o report/``.
+
+Writes a folder, and the same content as one ``.zip`` next to it, to attach to an issue:
+
+* ``report.md`` -- command line, environment and versions, GPU, verdict, attribution, the
+  sequences and a per-layer table.
+* the plots of :mod:`tracer.plot` (PNG and SVG).
+* ``trace-slim.h5`` -- a valid trace holding the per-token metrics of every layer and tap, plus
+  the full tensors (all paths) of the taps around the first divergence, for the sequence it is
+  in, chosen in order of relevance (the diverging tap, the layer's input, the rest of that layer,
+  then the layer before) until the size budget is spent.
+
+The whole bundle, and the archive, stay under ``--max-mb`` (25 MB by default, a common
+attachment limit); the slim trace re-reads with ``tracer.compare`` and ``tracer.plot``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from tracer.cli import Parser, main_guard
+from tracer.compare import stored_table, summarize
+from tracer.errors import TracerError
+from tracer.plot import plot_trace, use_file_backend
+from tracer.store import TraceWriter, open_trace, to_numpy
+from tracer.taps import EMBED, SITES, parse_tap, tap_name
+
+SLIM = "trace-slim.h5"
+MB = 1_000_000
+
+
+def _anchor(summary: dict, trace) -> tuple[str, int]:
+    """(tap name, sequence index) to centre the tensors on: the first divergence, else the
+    first drift, else the worst token of the last layer."""
+    point = summary.get("first_divergence") or ((summary.get("attribution") or {}).get("first"))
+    if point:
+        return point["name"], point["sequence_index"]
+    table = stored_table(trace)
+    rel = table.pairs["packed-vs-unpacked"]["rel_l2"]
+    last = max(range(len(table.taps)), key=lambda i: (parse_tap(table.taps[i])[0] or -1, i))
+    col = int(np.nanargmax(np.where(np.isfinite(rel[last]), rel[last], np.inf)))
+    return table.taps[last], trace.layout.token(col)[0]
+
+
+def candidates(anchor: str, num_layers: int, available: list[str]) -> list[str]:
+    """Tap names in order of relevance around ``anchor``."""
+    layer, site = parse_tap(anchor)
+    order = [anchor]
+    if layer is not None:
+        order.append(EMBED if layer == 0 else tap_name(layer - 1, "resid_out"))
+        order += [tap_name(layer, s) for s in SITES]
+        if layer > 0:
+            order += [tap_name(layer - 1, s) for s in reversed(SITES)]
+        if layer + 1 < num_layers:
+            order += [tap_name(layer + 1, s) for s in SITES]
+    seen, out = set(), []
+    for name in order:
+        if name in available and name not in seen:
+            seen.add(name)
+            out.append(name)
+    return out
+
+
+def _write_slim(trace, dest: Path, budget: int) -> list[str]:
+    """Write the slim trace within ``budget`` bytes of tensors; returns the taps included."""
+    summary = trace.summary
+    anchor, seq = _anchor(summary, trace)
+    rows = trace.sequence(seq).rows
+    paths = trace.paths
+    names = candidates(anchor, trace.meta["architecture"]["num_layers"], trace.taps(paths[0]) if paths else [])
+    chosen, used = [], 0
+    for name in names:
+        cost = sum(trace.file[f"taps/{p}/{name}"][rows].nbytes for p in paths)
+        if used + cost > budget:
+            break
+        chosen.append(name)
+        used += cost
+    meta = dict(trace.meta)
+    meta["tensors"] = "partial"
+    meta["slim"] = {"source": str(trace.path), "taps": chosen, "sequence": trace.sequence(seq).id,
+                    "rows": [rows.start, rows.stop]}
+    with TraceWriter(dest, force=True) as w:
+        s = trace.sequences
+        w.write_sequences([x.id for x in s], [x.residues for x in s], [x.length for x in s], trace.layout)
+        for name in chosen:
+            for p in paths:
+                data, dtype = to_numpy(trace.tap(p, name, rows=rows))
+                ds = w.file.create_dataset(f"taps/{p}/{name}", data=data, compression="gzip", compression_opts=4)
+                ds.attrs["dtype"] = dtype
+                ds.attrs["encoding"] = "bfloat16-bits-as-uint16" if dtype == "bfloat16" else "raw"
+                ds.attrs["rows"] = [rows.start, rows.stop]
+        for group in trace.metric_groups():
+            trace.file.copy(trace.file[group], w.file, name=group)
+        w.set_json("meta", meta)
+        w.file.attrs["summary"] = json.dumps(summary, sort_keys=True)
+        w.commit()
+    return chosen
+
+
+def _fmt(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def report_markdown(summary: dict, meta: dict, trace, slim_taps: list[str], plots: list[str]) -> str:
+    env = meta["environment"]
+    fd = summary.get("first_divergence")
+    att = summary.get("attribution")
+    lines = [f"# tracer report: {meta['model']}, {meta['dtype']}, {summary['verdict']}", ""]
+    if fd:
+        at = f"layer {fd['layer']}, {fd['tap']}" if fd["layer"] is not None else fd["tap"]
+        noise = f" = {summary['rule']['noise_factor']:g} x noise {fd['noise']:.3g}" if fd.get("noise") else ""
+        lines.append(
+            f"**First divergence**: {at}, sequence `{fd['sequence']}`, token {fd['token']} "
+            f"(packed vs unpacked: cos {_fmt(fd['cos'], 6)}, rel L2 {_fmt(fd['rel_l2'])}, "
+            f"max abs {_fmt(fd['max_abs'])}; threshold {_fmt(fd['threshold'])}{noise})."
+        )
+    else:
+        lines.append("**No divergence**: packed and unpacked agree at every traced tap and token.")
+    if att:
+        lines += ["", f"**Attribution**: {att['sentence']}."]
+        if att.get("explained_by") and fd:
+            lines.append(f"The divergence is explained by: **{att['explained_by']}**.")
+    lines += ["", f"Rule: {summary['rule']['description']}.", ""]
+    lines += ["## Run", "", f"```\n{' '.join(meta.get('command') or ['(API call)'])}\n```", ""]
+    w = meta["weights"]
+    rows = [
+        ("model", f"{meta['model']} ({meta['architecture']['num_layers']} layers, {meta['architecture']['embed_dim']} dims, {meta['architecture']['heads']} heads)"),
+        ("weights", f"{w['source']} {w['path'] or ''} seed={w['seed']} fingerprint={w['fingerprint']}"),
+        ("dtype / reference", f"{meta['dtype']} / {meta['reference_dtype'] or 'none'}"),
+        ("attention", f"{meta['attention']['backend']} {meta['attention']['version'] or ''}"),
+        ("packed RoPE / pack order", f"{meta['packed_rope']} / {meta['pack_order']}"),
+        ("planted faults", meta.get("faults_description", "none")),
+        ("device", f"{env['device']} ({env['device_name']})"),
+        ("python / torch / fair-esm", f"{env['python']} / {env['torch']} / {env['fair_esm']}"),
+        ("flash-attn / CUDA / cuDNN", f"{env['flash_attn']} / {env['cuda']} / {env['cudnn']}"),
+        ("TF32 matmul / bf16 reduced-precision reduction", f"{env['allow_tf32_matmul']} / {env['allow_bf16_reduced_precision_reduction']}"),
+        ("tool / schema", f"tracer {meta['tool_version']}"),
+    ]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    lines += ["## Sequences", "", "| id | residues | tokens | rows in trace |", "|---|---|---|---|"]
+    for s in trace.sequences:
+        lines.append(f"| `{s.id}` | {s.length} | {s.length + 2} | {s.rows.start}-{s.rows.stop - 1} |")
+    lines += ["", "Token positions: 0 = `<cls>`, residues 1..L, L+1 = `<eos>`.", ""]
+    lines += ["## Per layer (packed vs unpacked)", ""]
+    has_ref = bool(meta.get("reference_dtype"))
+    head = "| layer | worst tap | max rel L2 | min cos | diverged tokens |" + (" unpacked vs ref | packed vs ref |" if has_ref else "")
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
+    for entry in summary["layers"]:
+        taps = entry["taps"]
+        worst = max(taps, key=lambda t: taps[t]["max_rel_l2"] if taps[t]["max_rel_l2"] is not None else np.inf)
+        t = taps[worst]
+        row = f"| {entry['layer']} | {worst} | {_fmt(t['max_rel_l2'])} | {_fmt(t['min_cos'], 6)} | {sum(x['diverged_tokens'] for x in taps.values())} |"
+        if has_ref:
+            u = max((x["vs_reference"]["unpacked"]["max_rel_l2"] or 0) for x in taps.values())
+            p = max((x["vs_reference"]["packed"]["max_rel_l2"] or 0) for x in taps.values())
+            row += f" {_fmt(u)} | {_fmt(p)} |"
+        lines.append(row)
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots if p.endswith(".png")]
+    lines += [
+        "", "## Files", "",
+        f"- `{SLIM}`: per-token metrics of every layer and tap; full tensors (all paths) of "
+        f"{', '.join(f'`{t}`' for t in slim_taps) or 'none (over the size budget)'} for the anchor sequence. "
+        f"Re-read with `python -m tracer.compare {SLIM}` and `python -m tracer.plot {SLIM}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.0, quiet: bool = True) -> tuple[Path, Path]:
+    """Write the bundle folder and ``<folder>.zip``; returns both paths."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "report.md").exists():
+            raise TracerError(f"{out} exists and is not a tracer bundle; choose another -o folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    limit = int(max_mb * MB)
+    with open_trace(trace_path) as trace:
+        summary = trace.summary or summarize(trace).to_json()
+        plots_dir = plot_trace(trace_path, out, quiet=quiet)
+        plots = sorted(p.name for p in plots_dir.glob("*.png")) + sorted(p.name for p in plots_dir.glob("*.svg"))
+        (out / "report.md").write_text("placeholder")
+        budget = limit - _size(out) - 4 * 1024 * 1024 - trace.file["metrics"]["packed-vs-unpacked"]["rel_l2"].nbytes * 12
+        while True:
+            taps = _write_slim(trace, out / SLIM, max(budget, 0))
+            (out / "report.md").write_text(report_markdown(summary, trace.meta, trace, taps, plots))
+            archive = _zip(out)
+            if (_size(out) <= limit and archive.stat().st_size <= limit) or not taps:
+                break
+            budget = int(budget * 0.8)
+    if _size(out) > limit:
+        raise TracerError(f"the bundle is {_size(out) / MB:.1f} MB even without tensors; raise --max-mb")
+    return out, archive
+
+
+def _zip(folder: Path) -> Path:
+    archive = folder.with_suffix(".zip")
+    tmp = archive.with_name(archive.name + ".partial")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                z.write(f, Path(folder.name) / f.relative_to(folder))
+    tmp.replace(archive)
+    return archive
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m tracer.bundle", description="Write a bug-report bundle (report.md, plots, slim trace) and one .zip of it.")
+    p.add_argument("trace", metavar="TRACE.h5")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="bundle folder; DIR.zip is written next to it")
+    p.add_argument("--max-mb", type=float, default=25.0, help="size limit of the bundle and of the archive, in MB (default 25)")
+    return p
+
+
+@main_guard
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.max_mb > 1:
+        raise TracerError("--max-mb must be more than 1")
+    use_file_backend()
+    folder, archive = make_bundle(args.trace, args.out, args.max_mb, quiet=False)
+    print(f"bundle  {folder} ({_size(folder) / MB:.1f} MB)\narchive {archive} ({archive.stat().st_size / MB:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
