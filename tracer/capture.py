@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import defaultdict
 
 import numpy as np
 import torch
 
-from tracer.metrics import METRICS, round_to, token_metrics
+from tracer.metrics import METRICS, round_to, stacked_metrics
 
 PAIRS = {
     "packed-vs-unpacked": ("packed", "unpacked"),
@@ -45,6 +46,7 @@ class AsyncTapWriter:
         self.error: BaseException | None = None
         self._pinned: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         self._stream = None
+        self.stats = {"taps": 0, "bytes": 0, "write_seconds": 0.0, "copy_seconds": 0.0}
         self.thread = threading.Thread(target=self._loop, name="tracer-writer", daemon=True)
         self.thread.start()
 
@@ -80,13 +82,21 @@ class AsyncTapWriter:
                 continue  # drain after a failure; the error is raised in the main thread
             path, name, tensor, event = item
             try:
+                t0 = time.perf_counter()
                 host, pool = self._host(tensor, event)
                 del tensor, item
+                t1 = time.perf_counter()
                 self.writer.write_tap(path, name, host)
+                t2 = time.perf_counter()
                 if pool is not None:
                     pool.append(host)
+                nbytes = host.numel() * host.element_size()
+                self.stats["taps"] += 1
+                self.stats["bytes"] += nbytes
+                self.stats["copy_seconds"] += t1 - t0
+                self.stats["write_seconds"] += t2 - t1
                 if self.on_write:
-                    self.on_write(host.nbytes if hasattr(host, "nbytes") else host.numel() * host.element_size())
+                    self.on_write(nbytes)
             except BaseException as e:  # surfaced by close()/submit() in the main thread
                 self.error = e
 
@@ -102,6 +112,9 @@ class AsyncTapWriter:
 class Collector:
     """Receives taps path by path, computes pair metrics, forwards tensors to the writer.
 
+    Metrics are computed in batches of up to :attr:`batch` taps of the same shape (one
+    ``stacked_metrics`` call each), which keeps the number of small GPU kernel launches low.
+
     Args:
         names: tap names being traced (walk order).
         paths: paths that will run, in order (``unpacked``, ``packed`` [, ``reference``]).
@@ -109,6 +122,8 @@ class Collector:
         writer: an :class:`AsyncTapWriter`, or ``None`` for ``--metrics-only``.
         keep: paths whose taps are kept after their metrics (needed by the local re-runs).
     """
+
+    batch = 8
 
     def __init__(self, names: list[str], paths: list[str], dtype: torch.dtype, writer=None, keep=frozenset()):
         self.names = list(names)
@@ -119,7 +134,7 @@ class Collector:
         self.held: dict[str, dict[str, torch.Tensor]] = {p: {} for p in paths}
         self.pairs = {k: v for k, v in PAIRS.items() if set(v) <= set(paths)}
         self.metrics: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # pair -> tap -> (3, N)
-        self.seen: dict[str, set[str]] = {p: set() for p in paths}
+        self.pending: list[tuple[str, str]] = []  # (pair, tap) ready to compute
 
     def recorder(self, path: str):
         """The ``record(name, tensor)`` callback for ``path``'s hooks."""
@@ -130,26 +145,51 @@ class Collector:
         return record
 
     def add(self, path: str, name: str, tensor: torch.Tensor) -> None:
-        self.seen[path].add(name)
         if self.writer is not None:
             self.writer.submit(path, name, tensor)
         self.held[path][name] = tensor
         for pair, (a, b) in self.pairs.items():
             if path in (a, b) and name in self.held[a] and name in self.held[b]:
-                self.metrics[pair][name] = _compact(token_metrics(self.held[a][name], self.held[b][name]))
+                self.pending.append((pair, name))
         if path == "reference":
-            self.metrics[ROUNDED][name] = _compact(token_metrics(round_to(tensor, self.dtype), tensor))
-        self._release(name)
+            self.pending.append((ROUNDED, name))
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def _operands(self, pair: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if pair == ROUNDED:
+            ref = self.held["reference"][name]
+            return round_to(ref, self.dtype), ref
+        a, b = self.pairs[pair]
+        return self.held[a][name], self.held[b][name]
+
+    def flush(self) -> None:
+        """Compute every pending pair (batched by shape and dtypes), then release what is done."""
+        groups: dict[tuple, list[tuple[str, str, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for pair, name in self.pending:
+            a, b = self._operands(pair, name)
+            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)  # (N, F)
+            groups[(a.shape, a.dtype, b.dtype, a.device)].append((pair, name, a, b))
+        self.pending = []
+        for items in groups.values():
+            out = stacked_metrics(torch.stack([x[2] for x in items]), torch.stack([x[3] for x in items]))  # (K, 3, N)
+            for (pair, name, _, _), m in zip(items, out):
+                self.metrics[pair][name] = m
+            for _, name, _, _ in items:
+                self._release(name)
 
     def _release(self, name: str) -> None:
         """Drop every held tensor of ``name`` whose pairs are all computed."""
         for path in self.paths:
             pairs = [pair for pair, members in self.pairs.items() if path in members]
+            if path == "reference":
+                pairs.append(ROUNDED)
             if path not in self.keep and name in self.held[path] and all(name in self.metrics[pair] for pair in pairs):
                 del self.held[path][name]
 
     def table(self) -> dict[str, dict[str, np.ndarray]]:
         """``{pair: {metric: (T, N) float32}}`` over :attr:`names` (rows of missing taps are NaN)."""
+        self.flush()
         out = {}
         for pair, by_tap in self.metrics.items():
             if not by_tap:
@@ -161,8 +201,3 @@ class Collector:
                     grid[i] = by_tap[name].cpu()
             out[pair] = {m: grid[:, j].numpy() for j, m in enumerate(METRICS)}
         return out
-
-
-def _compact(metrics: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``(3, N)`` float32 on the tap's device (no host sync until :meth:`Collector.table`)."""
-    return torch.stack([metrics[m] for m in METRICS]).float()

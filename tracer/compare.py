@@ -25,10 +25,12 @@ import numpy as np
 
 from tracer.capture import PAIRS, ROUNDED
 from tracer.cli import Parser, add_rule_options, global_threshold, main_guard, rule_from_args
-from tracer.env import resolve_dtype
+import torch
+
+from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
-from tracer.metrics import METRICS, round_to, token_metrics
-from tracer.store import Trace, open_trace
+from tracer.metrics import METRICS, token_metrics
+from tracer.store import Trace, from_numpy, open_trace
 from tracer.tracing import batch_description, default_rule, summary_context
 from tracer.verdict import PAIR, MetricsTable, Point, Rule, Summary, judge
 from tracer.taps import parse_tap
@@ -52,8 +54,44 @@ def stored_table(trace: Trace) -> MetricsTable:
     return MetricsTable(taps, pairs, local)
 
 
+class _Buffers:
+    """Reusable arrays, so the streaming loop allocates nothing after its first tap.
+
+    (Fresh multi-MB allocations per tap either fragment the heap, which then never shrinks,
+    or page-fault on every first touch; both cost more than the arithmetic.)
+    """
+
+    def __init__(self):
+        self.store: dict[tuple, object] = {}
+
+    def numpy(self, shape, dtype) -> np.ndarray:
+        key = ("np", tuple(shape), np.dtype(dtype).str)
+        if key not in self.store:
+            self.store[key] = np.empty(shape, dtype=dtype)
+        return self.store[key]
+
+    def torch(self, tag: str, shape, dtype) -> torch.Tensor:
+        key = (tag, tuple(shape), dtype)
+        if key not in self.store:
+            self.store[key] = torch.empty(shape, dtype=dtype)
+        return self.store[key]
+
+
+def _read_up(trace: Trace, path: str, name: str, bufs: _Buffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tap as ``(stored-dtype view, float32/float64 copy)``, both ``(N, F)``, in reused buffers."""
+    ds = trace.file[f"taps/{path}/{name}"]
+    raw = bufs.numpy(ds.shape, ds.dtype)
+    ds.read_direct(raw)
+    stored = from_numpy(raw, trace.tap_dtype(path, name)).reshape(ds.shape[0], -1)
+    work = torch.float64 if stored.dtype == torch.float64 else torch.float32
+    up = bufs.torch(path, stored.shape, work)
+    up.copy_(stored)
+    return stored, up
+
+
 def recomputed_table(trace: Trace) -> MetricsTable:
     """Per-token metrics recomputed from the stored tensors, one tap at a time."""
+    return_freed_memory()
     paths = trace.paths
     for needed in ("unpacked", "packed"):
         if needed not in paths:
@@ -65,24 +103,26 @@ def recomputed_table(trace: Trace) -> MetricsTable:
         raise TracerError(f"{trace.path} is missing tap {n} of path {p} ({len(missing)} taps missing in all)")
     run_dtype = resolve_dtype(trace.meta["dtype"])
     pairs = {k: v for k, v in PAIRS.items() if set(v) <= set(paths)}
-    grids = {p: np.full((len(names), len(METRICS), trace.n_tokens), np.nan, dtype=np.float32) for p in pairs}
     if "reference" in paths:
-        grids[ROUNDED] = np.full((len(names), len(METRICS), trace.n_tokens), np.nan, dtype=np.float32)
+        pairs[ROUNDED] = ("rounded", "reference")
+    grids = {p: np.full((len(names), len(METRICS), trace.n_tokens), np.nan, dtype=np.float32) for p in pairs}
+    bufs = _Buffers()
     for i, name in enumerate(names):
-        tensors = {p: trace.tap(p, name) for p in paths}  # one tap of each path in memory
+        tensors = {}
+        for p in paths:  # one tap of each path in memory
+            stored, tensors[p] = _read_up(trace, p, name, bufs)
+            if p == "reference":  # the reference rounded to the run dtype, and back
+                low = bufs.torch("low", stored.shape, run_dtype)
+                low.copy_(stored)
+                tensors["rounded"] = bufs.torch("rounded", stored.shape, stored.dtype if stored.dtype == torch.float64 else torch.float32)
+                tensors["rounded"].copy_(low)
         for pair, (a, b) in pairs.items():
-            grids[pair][i] = _stack(token_metrics(tensors[a], tensors[b]))
-        if "reference" in paths:
-            ref = tensors["reference"]
-            grids[ROUNDED][i] = _stack(token_metrics(round_to(ref, run_dtype), ref))
-        del tensors
+            m = token_metrics(tensors[a], tensors[b])
+            for j, k in enumerate(METRICS):
+                grids[pair][i, j] = m[k].numpy()
     table = {p: {m: g[:, j] for j, m in enumerate(METRICS)} for p, g in grids.items()}
     local = stored_table(trace).local if "local" in trace.file else {}
     return MetricsTable(list(names), table, local)
-
-
-def _stack(m) -> np.ndarray:
-    return np.stack([m[k].float().numpy() for k in METRICS])
 
 
 def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) -> Summary:

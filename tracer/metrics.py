@@ -1,13 +1,20 @@
 """Per-token comparison metrics: small pure functions ``(a, b) -> Tensor``.
 
-``a`` and ``b`` are taps in canonical layout, ``(N, ...)``; every function flattens each token's
-features, computes in float64 (so that float32 paths that agree to 1e-7 are still resolved) and
-returns one value per token, ``(N,)`` float64. ``b`` is the baseline (the unpacked path for
-packed-vs-unpacked, the reference for path-vs-reference).
+``a`` and ``b`` are taps in canonical layout, ``(N, ...)``; each token's features are flattened
+and one value per token is returned, ``(N,)`` (float64 tensors holding float32-accurate values;
+traces store them as float32). ``b`` is the baseline (the unpacked path
+for packed-vs-unpacked, the reference for path-vs-reference).
 
 * ``cos_dist`` -- cosine distance ``1 - cos(a, b)``; 0 when both are zero vectors, 1 when one is.
 * ``max_abs`` -- ``max |a - b|``.
 * ``rel_l2`` -- relative L2 error ``|a - b| / |b|``; 0 when both are zero, ``inf`` when only ``b`` is.
+
+Precision: inputs are up-cast (exactly) to float32, or float64 if either is float64, and the
+difference ``d = a - b`` is taken in that dtype (its rounding is below 2^-24 relative to the
+difference itself). Sums of squares use PyTorch's pairwise/tree reductions (relative error
+~1e-6 in float32, far below the 3 significant digits reported). The cosine distance is
+computed from the part of ``d`` orthogonal to ``b`` (see ``_metrics``), so it stays accurate
+when ``a`` and ``b`` agree to the last float32 bit, where ``1 - a.b/(|a||b|)`` cancels to noise.
 
 Non-finite values: a token with any NaN or Inf in ``a`` or ``b`` gets NaN in every metric, and
 NaN never passes a threshold (it always counts as divergent), as in Polygraphy.
@@ -25,14 +32,7 @@ from __future__ import annotations
 import torch
 
 METRICS = ("cos_dist", "max_abs", "rel_l2")
-
-
-def _flat64(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1).to(torch.float64)  # (N, F)
-
-
-def _nonfinite(a64: torch.Tensor, b64: torch.Tensor) -> torch.Tensor:
-    return ~(torch.isfinite(a64).all(1) & torch.isfinite(b64).all(1))  # (N,)
+_F64 = torch.float64
 
 
 def cos_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -48,28 +48,39 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def token_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """All three metrics at once, sharing the float64 up-cast: ``{name: (N,) float64}``."""
+    """All three metrics at once for ``(N, ...)`` taps: ``{name: (N,) float64}``."""
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    a64, b64 = _flat64(a), _flat64(b)
-    diff = a64 - b64  # (N, F)
-    na, nb = a64.norm(dim=1), b64.norm(dim=1)
-    nd = diff.norm(dim=1)
-    dot = (a64 * b64).sum(1)
-    denom = na * nb
-    cos = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float64).tiny), (na == nb).to(torch.float64))
-    # 1 - cos loses digits when a ~ b; for close vectors use |a/|a| - b/|b||^2 / 2 instead.
-    unit_gap = (a64 / na.clamp_min(1e-300)[:, None] - b64 / nb.clamp_min(1e-300)[:, None]).norm(dim=1)
-    cdist = torch.where(denom > 0, 0.5 * unit_gap**2, 1.0 - cos)
-    rel = torch.where(nb > 0, nd / nb.clamp_min(1e-300), torch.where(nd > 0, torch.inf, 0.0))
-    mx = diff.abs().amax(dim=1) if diff.shape[1] else torch.zeros_like(nd)
-    bad = _nonfinite(a64, b64)
-    nan = torch.full_like(nd, torch.nan)
-    return {
-        "cos_dist": torch.where(bad, nan, cdist),
-        "max_abs": torch.where(bad, nan, mx),
-        "rel_l2": torch.where(bad, nan, rel),
-    }
+    return _metrics(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+
+
+def stacked_metrics(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Metrics of K taps at once: ``a``, ``b`` ``(K, N, F)`` -> ``(K, 3, N)`` float32, in :data:`METRICS` order."""
+    m = _metrics(a, b)
+    return torch.stack([m[k] for k in METRICS], dim=-2).float()
+
+
+def _metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    work = _F64 if _F64 in (a.dtype, b.dtype) else torch.float32
+    a, b = a.to(work), b.to(work)  # exact up-casts
+    d = a - b  # (..., F); rounding below 2^-24 relative to the difference itself
+    dd = torch.linalg.vector_norm(d, dim=-1).to(_F64) ** 2  # fused reductions, pairwise/tree sums
+    bb = torch.linalg.vector_norm(b, dim=-1).to(_F64) ** 2
+    aa = torch.linalg.vector_norm(a, dim=-1).to(_F64) ** 2
+    db = torch.linalg.vecdot(d, b).to(_F64)
+    mx = torch.maximum(d.amax(dim=-1), -d.amin(dim=-1)).to(_F64) if d.shape[-1] else torch.zeros_like(dd)
+    na, nb = aa.sqrt(), bb.sqrt()
+    # 1 - cos from the part of d orthogonal to b: sin^2 = (|d|^2 - (d.b)^2/|b|^2) / |a|^2 and
+    # 1 - cos = sin^2 / (1 + cos). Every term is relative to |d|, so this stays accurate when a
+    # and b agree to the last float32 bit (1 - a.b/(|a||b|) would cancel to noise there).
+    cos = (bb + db) / (na * nb).clamp_min(1e-300)
+    sin2 = (dd - db * db / bb.clamp_min(1e-300)).clamp_min(0.0) / aa.clamp_min(1e-300)
+    cd = torch.where(cos > 0, sin2 / (1 + cos), 1 - cos)
+    cd = torch.where((aa > 0) & (bb > 0), cd, (aa != bb).to(_F64))  # both zero: 0; exactly one zero: 1
+    rel = torch.where(bb > 0, (dd / bb.clamp_min(1e-300)).sqrt(), torch.where(dd > 0, torch.inf, 0.0))
+    bad = ~(torch.isfinite(aa) & torch.isfinite(bb) & torch.isfinite(dd))  # NaN/Inf anywhere in the token
+    nan = torch.full_like(dd, torch.nan)
+    return {"cos_dist": torch.where(bad, nan, cd), "max_abs": torch.where(bad, nan, mx), "rel_l2": torch.where(bad, nan, rel)}
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,11 +152,13 @@ class TraceWriter:
 
     def commit(self) -> Path:
         """Mark complete, flush, fsync, close and rename into place. Returns the final path."""
+        t0 = time.perf_counter()
         self.file.attrs["complete"] = True
         self.file.flush()
         self.file.close()
         with open(self.partial, "rb+") as f:
             os.fsync(f.fileno())
+        self.commit_seconds = time.perf_counter() - t0
         if self.path.exists() and not self.force:
             self.abort()
             raise TracerError(f"{self.path} appeared while tracing; pass --force to overwrite it")

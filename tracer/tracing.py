@@ -33,7 +33,7 @@ import torch
 
 from tracer import attention, models
 from tracer.capture import AsyncTapWriter, Collector
-from tracer.env import dtype_name, environment, resolve_device, resolve_dtype, tool_version
+from tracer.env import dtype_name, environment, resolve_device, resolve_dtype, return_freed_memory, tool_version
 from tracer.errors import TracerError
 from tracer.faults import Faults
 from tracer.metrics import METRICS, token_metrics
@@ -104,6 +104,7 @@ class Result:
     summary: Summary
     timings: dict
     bytes_written: int
+    write_stats: dict = field(default_factory=dict)
 
 
 def default_rule(dtype: str, has_reference: bool) -> Rule:
@@ -199,11 +200,16 @@ def _oom_message(names: list[str], batch: Batch, arch, dtype: torch.dtype, devic
     )
 
 
-def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False) -> Result:
-    """Run, compare and write one trace (see module docstring)."""
+def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loaded=None) -> Result:
+    """Run, compare and write one trace (see module docstring).
+
+    ``loaded`` may be ``(model, arch, weights)`` from :func:`tracer.models.load_model`, to reuse a
+    model across runs (its precision and device are set by the run).
+    """
     say = _Say(quiet)
     timings: dict[str, float] = {}
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first use)
+    return_freed_memory()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype)
     if dtype == torch.float64:
@@ -218,7 +224,9 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False) -> 
         say("--local without a reference splits packed-vs-unpacked error only")
 
     t0 = time.perf_counter()
-    model, arch, weights = models.load_model(config.model, config.weights, config.seed, config.trust_checkpoint, progress=say)
+    if loaded is None:
+        loaded = models.load_model(config.model, config.weights, config.seed, config.trust_checkpoint, progress=say)
+    model, arch, weights = loaded
     timings["load"] = time.perf_counter() - t0
     names = select_taps(arch.num_layers, list(config.taps) if config.taps else None, list(config.layers) if config.layers is not None else None)
     if config.local and not (EMBED in names and all(tap_name(i, "resid_out") in names for i in range(arch.num_layers - 1))):
@@ -291,8 +299,10 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False) -> 
                 local_table = _local(model, packed, batch, names, collector, dtype, arch.num_layers)
                 timings["local"] = time.perf_counter() - t
             t = time.perf_counter()
+            write_stats = {}
             if async_writer is not None:
                 async_writer.close()
+                write_stats = async_writer.stats
                 async_writer = None
             timings["write_wait"] = time.perf_counter() - t
         except torch.cuda.OutOfMemoryError:
@@ -311,7 +321,9 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False) -> 
         writer.set_json("summary", summary.to_json())
         bytes_written = writer.bytes_written
         path = writer.commit()
-    return Result(path, summary, timings, bytes_written)
+        write_stats["commit_seconds"] = writer.commit_seconds
+    timings["total"] = time.perf_counter() - t0 - timings["load"]
+    return Result(path, summary, timings, bytes_written, write_stats)
 
 
 def _sync(device: torch.device) -> None:

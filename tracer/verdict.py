@@ -158,6 +158,9 @@ class Attribution:
             ``packed``, ``unpacked``, ``both``, or ``neither`` (both within noise, but their
             errors add up); ``None`` when the paths agree.
         reference: reference dtype.
+        at_divergence: at the first divergence's own tap and token, each path's relative L2
+            error against the reference, the bar, and which path(s) are beyond it (``off``);
+            ``None`` when the paths agree.
     """
 
     drifting: str
@@ -166,6 +169,7 @@ class Attribution:
     unpacked: Point | None
     explained_by: str | None
     reference: str
+    at_divergence: dict | None = None
 
     def sentence(self) -> str:
         ref = f"the {self.reference} reference"
@@ -192,6 +196,7 @@ class Attribution:
             "unpacked": self.unpacked.to_json() if self.unpacked else None,
             "explained_by": self.explained_by,
             "reference": self.reference,
+            "at_divergence": self.at_divergence,
             "sentence": self.sentence(),
         }
 
@@ -281,11 +286,16 @@ class Summary:
                 f"max |diff| {_fmt(fd.max_abs)}; threshold {fd.threshold:.3g}{noise}"
             )
         if self.attribution is not None:
-            lines.append(f"attribution  {self.attribution.sentence()}")
-            if self.attribution.explained_by and fd is not None:
-                lines.append(f"          the divergence is explained by: {self.attribution.explained_by}")
+            lines.append(f"attribution {self.attribution.sentence()}")
+            at = self.attribution.at_divergence
+            if at and fd is not None:
+                lines.append(
+                    f"          at the divergence: packed is {_fmt(at['packed_rel_l2'])} and unpacked {_fmt(at['unpacked_rel_l2'])} "
+                    f"from the reference (bar {_fmt(at['threshold'])}): off = {at['off']}; "
+                    f"drifted by then: {self.attribution.explained_by}"
+                )
         else:
-            lines.append("attribution  none (no reference traced; run with --reference fp32)")
+            lines.append("attribution none (no reference traced; run with --reference fp32)")
         worst = ", ".join(f"layer {i} {v:.3g}" for i, v in self.worst_layers())
         if worst:
             lines.append(f"worst     layers by packed-vs-unpacked max rel L2: {worst}")
@@ -351,6 +361,21 @@ def thresholds(table: MetricsTable, rule: Rule) -> tuple[np.ndarray, np.ndarray 
     return bars, None, floor
 
 
+def noise_ratios(table: MetricsTable, rule: Rule | None = None) -> dict[str, dict]:
+    """For calibrating K: per pair, the largest ``rel_l2 / noise(tap)`` over taps and tokens, and where."""
+    _, noise, _ = thresholds(table, rule or Rule())
+    out = {}
+    for pair in (PAIR, *VS_REF.values()):
+        if table.has(pair):
+            with np.errstate(all="ignore"):
+                r = table.pairs[pair]["rel_l2"] / noise[:, None]
+            r = np.where(np.isfinite(r), r, -1)
+            i, j = np.unravel_index(int(np.argmax(r)), r.shape)
+            out[pair] = {"max_ratio": _num(r[i, j]), "tap": table.taps[i], "row": int(j),
+                         "p99_ratio": _num(np.percentile(r[r >= 0], 99)) if (r >= 0).any() else None}
+    return out
+
+
 def _exceeds(rel: np.ndarray, bars: np.ndarray, cos_dist: np.ndarray | None = None, min_cos: float | None = None) -> np.ndarray:
     bad = ~(rel <= bars[:, None])  # NaN never passes
     if min_cos is not None and cos_dist is not None:
@@ -402,7 +427,7 @@ def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict
         found = [p for p in points.values() if p is not None]
         drifting = {0: "neither", 1: found[0].path if found else "neither", 2: "both"}[len(found)]
         earliest = min(found, key=lambda p: (table.taps.index(p.name), _order(p))) if found else None
-        explained = None
+        explained = at = None
         if hit is not None:
             row, col = hit
             by_then = [
@@ -410,7 +435,16 @@ def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict
                 if m[:row].any() or m[row, : col + 1].any()
             ]
             explained = {0: "neither", 1: by_then[0] if by_then else "neither", 2: "both"}[len(by_then)]
-        attribution = Attribution(drifting, earliest, points["packed"], points["unpacked"], explained, context.get("reference") or "reference")
+            errs = {path: float(table.pairs[key]["rel_l2"][row, col]) for path, key in VS_REF.items()}
+            off = [path for path in VS_REF if drift_masks[path][row, col]]
+            at = {
+                "packed_rel_l2": _num(errs["packed"]),
+                "unpacked_rel_l2": _num(errs["unpacked"]),
+                "threshold": _num(bars[row]),
+                "off": {0: "neither", 1: off[0] if off else "neither", 2: "both"}[len(off)],
+            }
+        attribution = Attribution(drifting, earliest, points["packed"], points["unpacked"], explained,
+                                  context.get("reference") or "reference", at)
 
     stats = []
     for i, name in enumerate(table.taps):
