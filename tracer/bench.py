@@ -4,7 +4,7 @@ In one run, on one model and the debug-log batch:
 
 a. the bare forward of each path (no hooks; median of ``--repeats``),
 b. the traced run (hooks, metrics, HDF5 writing, summary, atomic commit) with full tensors, and
-   with ``--metrics-only``,
+   with ``--metrics-only``, after one untimed warm-up run,
 c. bytes written and the writer's throughput, against a raw sequential write (16 MB blocks +
    fsync) of the same number of bytes to the same folder, plus a compression study on a sample
    of the trace's own tensors,
@@ -179,6 +179,8 @@ def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Pa
     say("bench: bare forwards")
     bare = bare_forwards(model, batch, device, dtype, ref_dtype, backend, "fp32", repeats)
     base = dict(model=model_name, weights="random", device=device_name, dtype=dtype_name_, attn=attn, force=True)
+    say("bench: warm-up traced run (not timed)")
+    trace(RunConfig(**base, metrics_only=True, out=str(folder / "bench-warmup.h5")), seqs, quiet=True, loaded=loaded).path.unlink()
     say("bench: traced run (full tensors)")
     full = trace(RunConfig(**base, out=str(folder / "bench-full.h5")), seqs, quiet=True, loaded=loaded)
     say("bench: traced run (--metrics-only)")

@@ -194,10 +194,8 @@ class Collector:
         for pair, by_tap in self.metrics.items():
             if not by_tap:
                 continue
-            n = next(iter(by_tap.values())).shape[1]
-            grid = torch.full((len(self.names), len(METRICS), n), torch.nan, dtype=torch.float32)
-            for i, name in enumerate(self.names):
-                if name in by_tap:
-                    grid[i] = by_tap[name].cpu()
+            some = next(iter(by_tap.values()))
+            nan = torch.full_like(some, torch.nan)
+            grid = torch.stack([by_tap.get(name, nan) for name in self.names]).cpu()  # (T, 3, N), one transfer
             out[pair] = {m: grid[:, j].numpy() for j, m in enumerate(METRICS)}
         return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -29,7 +30,7 @@ import torch
 
 from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
-from tracer.metrics import METRICS, token_metrics
+from tracer.metrics import METRICS, squared_norms, token_metrics
 from tracer.store import Trace, from_numpy, open_trace
 from tracer.tracing import batch_description, default_rule, summary_context
 from tracer.verdict import PAIR, MetricsTable, Point, Rule, Summary, judge
@@ -64,33 +65,52 @@ class _Buffers:
     def __init__(self):
         self.store: dict[tuple, object] = {}
 
-    def numpy(self, shape, dtype) -> np.ndarray:
-        key = ("np", tuple(shape), np.dtype(dtype).str)
+    def numpy(self, tag, shape, dtype) -> np.ndarray:
+        key = ("np", tag, tuple(shape), np.dtype(dtype).str)
         if key not in self.store:
             self.store[key] = np.empty(shape, dtype=dtype)
         return self.store[key]
 
-    def torch(self, tag: str, shape, dtype) -> torch.Tensor:
+    def torch(self, tag, shape, dtype) -> torch.Tensor:
         key = (tag, tuple(shape), dtype)
         if key not in self.store:
             self.store[key] = torch.empty(shape, dtype=dtype)
         return self.store[key]
 
 
-def _read_up(trace: Trace, path: str, name: str, bufs: _Buffers) -> tuple[torch.Tensor, torch.Tensor]:
-    """One tap as ``(stored-dtype view, float32/float64 copy)``, both ``(N, F)``, in reused buffers."""
+def _read_into(trace: Trace, path: str, name: str, bufs: _Buffers, slot: int) -> torch.Tensor:
+    """One tap, ``(N, F)``, in its stored dtype, read into a reused buffer of ``slot``."""
     ds = trace.file[f"taps/{path}/{name}"]
-    raw = bufs.numpy(ds.shape, ds.dtype)
+    raw = bufs.numpy(slot, ds.shape, ds.dtype)
     ds.read_direct(raw)
-    stored = from_numpy(raw, trace.tap_dtype(path, name)).reshape(ds.shape[0], -1)
-    work = torch.float64 if stored.dtype == torch.float64 else torch.float32
-    up = bufs.torch(path, stored.shape, work)
-    up.copy_(stored)
-    return stored, up
+    return from_numpy(raw, trace.tap_dtype(path, name)).reshape(ds.shape[0], -1)
+
+
+def _load_tap(trace: Trace, name: str, paths: list[str], run_dtype, bufs: _Buffers, slot: int) -> dict[str, torch.Tensor]:
+    """Every path's tap ``name``, up-cast (exactly) to float32/float64, plus the rounded reference."""
+    out = {}
+    for p in paths:
+        stored = _read_into(trace, p, name, bufs, slot)
+        work = torch.float64 if stored.dtype == torch.float64 else torch.float32
+        if stored.dtype == work:
+            out[p] = stored
+        else:
+            out[p] = bufs.torch((slot, p), stored.shape, work)
+            out[p].copy_(stored)
+        if p == "reference":  # the reference rounded to the run dtype, and back
+            low = bufs.torch((slot, "low"), stored.shape, run_dtype)
+            low.copy_(stored)
+            out["rounded"] = bufs.torch((slot, "rounded"), stored.shape, work)
+            out["rounded"].copy_(low)
+    return out
 
 
 def recomputed_table(trace: Trace) -> MetricsTable:
-    """Per-token metrics recomputed from the stored tensors, one tap at a time."""
+    """Per-token metrics recomputed from the stored tensors, one tap at a time.
+
+    A background thread reads (and up-casts) tap ``i + 1`` while tap ``i`` is compared, into
+    two alternating sets of reused buffers, so memory stays at about two taps of every path.
+    """
     return_freed_memory()
     paths = trace.paths
     for needed in ("unpacked", "packed"):
@@ -107,19 +127,19 @@ def recomputed_table(trace: Trace) -> MetricsTable:
         pairs[ROUNDED] = ("rounded", "reference")
     grids = {p: np.full((len(names), len(METRICS), trace.n_tokens), np.nan, dtype=np.float32) for p in pairs}
     bufs = _Buffers()
-    for i, name in enumerate(names):
-        tensors = {}
-        for p in paths:  # one tap of each path in memory
-            stored, tensors[p] = _read_up(trace, p, name, bufs)
-            if p == "reference":  # the reference rounded to the run dtype, and back
-                low = bufs.torch("low", stored.shape, run_dtype)
-                low.copy_(stored)
-                tensors["rounded"] = bufs.torch("rounded", stored.shape, stored.dtype if stored.dtype == torch.float64 else torch.float32)
-                tensors["rounded"].copy_(low)
-        for pair, (a, b) in pairs.items():
-            m = token_metrics(tensors[a], tensors[b])
-            for j, k in enumerate(METRICS):
-                grids[pair][i, j] = m[k].numpy()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracer-reader") as reader:
+        ahead = reader.submit(_load_tap, trace, names[0], paths, run_dtype, bufs, 0)
+        for i, name in enumerate(names):
+            tensors = ahead.result()
+            if i + 1 < len(names):
+                ahead = reader.submit(_load_tap, trace, names[i + 1], paths, run_dtype, bufs, (i + 1) % 2)
+            norms = {p: squared_norms(t) for p, t in tensors.items()}
+            for pair, (a, b) in pairs.items():
+                x = tensors[a]
+                scratch = (bufs.torch("d", x.shape, x.dtype), bufs.torch("db", x.shape, x.dtype))
+                m = token_metrics(x, tensors[b], norms[a], norms[b], scratch)
+                for j, k in enumerate(METRICS):
+                    grids[pair][i, j] = m[k].numpy()
     table = {p: {m: g[:, j] for j, m in enumerate(METRICS)} for p, g in grids.items()}
     local = stored_table(trace).local if "local" in trace.file else {}
     return MetricsTable(list(names), table, local)

@@ -47,11 +47,22 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return token_metrics(a, b)["rel_l2"]
 
 
-def token_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """All three metrics at once for ``(N, ...)`` taps: ``{name: (N,) float64}``."""
+def token_metrics(a: torch.Tensor, b: torch.Tensor, aa=None, bb=None, scratch=None) -> dict[str, torch.Tensor]:
+    """All three metrics at once for ``(N, ...)`` taps: ``{name: (N,) float64}``.
+
+    ``aa``/``bb`` optionally pass each side's :func:`squared_norms`, when one tap takes part in
+    several pairs; ``scratch`` optionally passes two ``(N, F)`` tensors of the working dtype to
+    hold intermediates (a streaming loop then allocates nothing).
+    """
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return _metrics(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+    return _metrics(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), aa, bb, scratch)
+
+
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """Per-token squared L2 norms, ``(N,)`` float64 (as the metrics compute them)."""
+    x = x.reshape(x.shape[0], -1)
+    return torch.linalg.vector_norm(x.to(_F64 if x.dtype == _F64 else torch.float32), dim=-1).to(_F64) ** 2
 
 
 def stacked_metrics(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,14 +71,18 @@ def stacked_metrics(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([m[k] for k in METRICS], dim=-2).float()
 
 
-def _metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+def _metrics(a: torch.Tensor, b: torch.Tensor, aa=None, bb=None, scratch=None) -> dict[str, torch.Tensor]:
     work = _F64 if _F64 in (a.dtype, b.dtype) else torch.float32
     a, b = a.to(work), b.to(work)  # exact up-casts
-    d = a - b  # (..., F); rounding below 2^-24 relative to the difference itself
+    if scratch is None or scratch[0].dtype != work:
+        d = a - b  # (..., F); rounding below 2^-24 relative to the difference itself
+        db = (d * b).sum(-1).to(_F64)
+    else:
+        d = torch.sub(a, b, out=scratch[0])
+        db = torch.mul(d, b, out=scratch[1]).sum(-1).to(_F64)
     dd = torch.linalg.vector_norm(d, dim=-1).to(_F64) ** 2  # fused reductions, pairwise/tree sums
-    bb = torch.linalg.vector_norm(b, dim=-1).to(_F64) ** 2
-    aa = torch.linalg.vector_norm(a, dim=-1).to(_F64) ** 2
-    db = torch.linalg.vecdot(d, b).to(_F64)
+    bb = torch.linalg.vector_norm(b, dim=-1).to(_F64) ** 2 if bb is None else bb
+    aa = torch.linalg.vector_norm(a, dim=-1).to(_F64) ** 2 if aa is None else aa
     mx = torch.maximum(d.amax(dim=-1), -d.amin(dim=-1)).to(_F64) if d.shape[-1] else torch.zeros_like(dd)
     na, nb = aa.sqrt(), bb.sqrt()
     # 1 - cos from the part of d orthogonal to b: sin^2 = (|d|^2 - (d.b)^2/|b|^2) / |a|^2 and

@@ -166,13 +166,22 @@ class _Say:
 
 @contextlib.contextmanager
 def _deterministic():
-    """Deterministic algorithms where the backends allow (warn, don't fail, where they don't)."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    """Deterministic algorithms where the backends allow (warn, don't fail, where they don't).
+
+    PyTorch's deterministic mode also NaN-fills every uninitialised allocation by default; no
+    op traced here reads uninitialised memory, and the fill doubled the cost of every op
+    output (the 3B forward ran 8x slower on the H100), so it is turned off for the run.
+    """
+    import torch.utils.deterministic as det
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), det.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        det.fill_uninitialized_memory = saved[2]
 
 
 def _validate_faults(faults: Faults, batch: Batch, num_layers: int) -> None:
@@ -271,56 +280,52 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
         async_writer = None if config.metrics_only else AsyncTapWriter(writer)
         keep = {"unpacked", "reference"} if config.local else set()
         collector = Collector(names, paths, dtype, async_writer, keep=keep)
+        clock = _Clock(device, timings)
+        write_stats: dict = {}
         try:
             models.set_precision(model, device, dtype)
             packed = PackedESM2(model, backend, rope=config.packed_rope, faults=config.faults)
-            t = time.perf_counter()
             say(f"unpacked path: fair-esm forward, padded batch {tuple(batch.padded.shape)}, {dtype_name(dtype)}")
-            with say.layers(model.layers, "unpacked"):
+            with clock("unpacked"), say.layers(model.layers, "unpacked"):
                 run_unpacked(model, batch, names, collector.recorder("unpacked"), config.faults)
             say(f"packed path: {batch.layout.n_tokens} tokens, cu_seqlens {batch.layout.cu_seqlens.tolist()}, RoPE {config.packed_rope}")
-            with say.layers(packed.layers, "packed"):
+            with clock("packed"), say.layers(packed.layers, "packed"):
                 run_packed(packed, batch, names, collector.recorder("packed"))
-            _sync(device)
-            timings["paths"] = time.perf_counter() - t
             if ref_dtype is not None:
-                t = time.perf_counter()
                 say(f"reference: fair-esm forward in {dtype_name(ref_dtype)} on the same weights")
-                models.set_precision(model, device, ref_dtype)
-                with models.strict_fp32_matmul(), say.layers(model.layers, "reference"):
+                with clock("reference"), models.strict_fp32_matmul(), say.layers(model.layers, "reference"):
+                    models.set_precision(model, device, ref_dtype)
                     run_unpacked(model, batch, names, collector.recorder("reference"))
-                _sync(device)
-                timings["reference"] = time.perf_counter() - t
             local_table = {}
             if config.local:
-                t = time.perf_counter()
                 say("local: re-running every layer on the other side's recorded input")
-                models.set_precision(model, device, dtype)
-                local_table = _local(model, packed, batch, names, collector, dtype, arch.num_layers)
-                timings["local"] = time.perf_counter() - t
-            t = time.perf_counter()
-            write_stats = {}
-            if async_writer is not None:
-                async_writer.close()
-                write_stats = async_writer.stats
-                async_writer = None
-            timings["write_wait"] = time.perf_counter() - t
+                with clock("local"):
+                    models.set_precision(model, device, dtype)
+                    local_table = _local(model, packed, batch, names, collector, dtype, arch.num_layers)
+            with clock("metrics"):
+                table = MetricsTable(names, collector.table(), local_table)
+            with clock("write_wait"):
+                if async_writer is not None:
+                    async_writer.close()
+                    write_stats = async_writer.stats
+                    async_writer = None
         except torch.cuda.OutOfMemoryError:
             raise TracerError(_oom_message(names, batch, arch, dtype, device)) from None
         finally:
             if async_writer is not None:  # failure path: stop the thread before the file is removed
                 with contextlib.suppress(BaseException):
                     async_writer.close()
-        table = MetricsTable(names, collector.table(), local_table)
-        writer.write_metrics("metrics", names, table.pairs)
-        if local_table:
-            writer.write_metrics("local", names, local_table)
-        context = summary_context(meta, batch_description(sequences, config.pack_order))
-        summary = judge(table, batch.layout, batch.ids, rule, context, trace=str(out))
-        writer.set_json("meta", meta)
-        writer.set_json("summary", summary.to_json())
-        bytes_written = writer.bytes_written
-        path = writer.commit()
+        with clock("judge"):
+            context = summary_context(meta, batch_description(sequences, config.pack_order))
+            summary = judge(table, batch.layout, batch.ids, rule, context, trace=str(out))
+        with clock("commit"):
+            writer.write_metrics("metrics", names, table.pairs)
+            if local_table:
+                writer.write_metrics("local", names, local_table)
+            writer.set_json("meta", meta)
+            writer.set_json("summary", summary.to_json())
+            bytes_written = writer.bytes_written
+            path = writer.commit()
         write_stats["commit_seconds"] = writer.commit_seconds
     timings["total"] = time.perf_counter() - t0 - timings["load"]
     return Result(path, summary, timings, bytes_written, write_stats)
@@ -329,6 +334,22 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _Clock:
+    """``with clock("phase"):`` records the phase's wall seconds (device synchronised) in ``timings``."""
+
+    def __init__(self, device: torch.device, timings: dict):
+        self.device, self.timings = device, timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.timings[name] = time.perf_counter() - t
 
 
 def batch_description(sequences: list[Sequence], pack_order: str) -> str:
