@@ -19,8 +19,11 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,61 +58,105 @@ def stored_table(trace: Trace) -> MetricsTable:
     return MetricsTable(taps, pairs, local)
 
 
-class _Buffers:
-    """Reusable arrays, so the streaming loop allocates nothing after its first tap.
+@dataclass(frozen=True)
+class _Stored:
+    """Where one stored tap lives: shape, numpy dtype, trace dtype, and its file offset
+    (``None`` for chunked/compressed datasets, which must go through h5py)."""
 
-    (Fresh multi-MB allocations per tap either fragment the heap, which then never shrinks,
-    or page-fault on every first touch; both cost more than the arithmetic.)
-    """
+    key: str
+    shape: tuple
+    np_dtype: np.dtype
+    dtype: str
+    offset: int | None
+
+
+def _layout(trace: Trace, path: str, name: str) -> _Stored:
+    ds = trace.file[f"taps/{path}/{name}"]
+    offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+    return _Stored(ds.name, ds.shape, ds.dtype, trace.tap_dtype(path, name), offset)
+
+
+class _Worker:
+    """Per-thread reusable buffers (the loop allocates nothing after its first tap: fresh
+    multi-MB allocations per tap fragment the heap or page-fault on every first touch)."""
 
     def __init__(self):
         self.store: dict[tuple, object] = {}
 
-    def numpy(self, tag, shape, dtype) -> np.ndarray:
+    def array(self, tag, shape, dtype) -> np.ndarray:
         key = ("np", tag, tuple(shape), np.dtype(dtype).str)
         if key not in self.store:
             self.store[key] = np.empty(shape, dtype=dtype)
         return self.store[key]
 
-    def torch(self, tag, shape, dtype) -> torch.Tensor:
+    def tensor(self, tag, shape, dtype) -> torch.Tensor:
         key = (tag, tuple(shape), dtype)
         if key not in self.store:
             self.store[key] = torch.empty(shape, dtype=dtype)
         return self.store[key]
 
 
-def _read_into(trace: Trace, path: str, name: str, bufs: _Buffers, slot: int) -> torch.Tensor:
-    """One tap, ``(N, F)``, in its stored dtype, read into a reused buffer of ``slot``."""
-    ds = trace.file[f"taps/{path}/{name}"]
-    raw = bufs.numpy(slot, ds.shape, ds.dtype)
-    ds.read_direct(raw)
-    return from_numpy(raw, trace.tap_dtype(path, name)).reshape(ds.shape[0], -1)
+class _Reader:
+    """Reads stored taps into worker buffers: ``os.preadv`` at the dataset's file offset for
+    contiguous datasets (no h5py lock, no GIL), h5py under a lock otherwise."""
 
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self.fd = os.open(trace.path, os.O_RDONLY)
+        self.lock = threading.Lock()
 
-def _load_tap(trace: Trace, name: str, paths: list[str], run_dtype, bufs: _Buffers, slot: int) -> dict[str, torch.Tensor]:
-    """Every path's tap ``name``, up-cast (exactly) to float32/float64, plus the rounded reference."""
-    out = {}
-    for p in paths:
-        stored = _read_into(trace, p, name, bufs, slot)
-        work = torch.float64 if stored.dtype == torch.float64 else torch.float32
-        if stored.dtype == work:
-            out[p] = stored
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def read(self, st: _Stored, w: _Worker, tag) -> torch.Tensor:
+        raw = w.array(tag, st.shape, st.np_dtype)
+        if st.offset is not None:
+            view, done = memoryview(raw).cast("B"), 0
+            while done < len(view):
+                n = os.preadv(self.fd, [view[done:]], st.offset + done)
+                if n == 0:
+                    raise TracerError(f"{self.trace.path} is truncated (tap {st.key} ends early)")
+                done += n
         else:
-            out[p] = bufs.torch((slot, p), stored.shape, work)
-            out[p].copy_(stored)
+            with self.lock:
+                self.trace.file[st.key].read_direct(raw)
+        return from_numpy(raw, st.dtype).reshape(st.shape[0], -1)
+
+
+def _tap_metrics(reader: _Reader, stored: dict[str, _Stored], pairs: dict, run_dtype, w: _Worker) -> dict[str, np.ndarray]:
+    """Every pair's ``(3, N)`` metrics of one tap (all paths read, up-cast exactly, compared)."""
+    up = {}
+    for p, st in stored.items():
+        raw = reader.read(st, w, p)
+        work = torch.float64 if raw.dtype == torch.float64 else torch.float32
+        up[p] = raw if raw.dtype == work else w.tensor(("up", p), raw.shape, work).copy_(raw)
         if p == "reference":  # the reference rounded to the run dtype, and back
-            low = bufs.torch((slot, "low"), stored.shape, run_dtype)
-            low.copy_(stored)
-            out["rounded"] = bufs.torch((slot, "rounded"), stored.shape, work)
-            out["rounded"].copy_(low)
+            low = w.tensor("low", raw.shape, run_dtype).copy_(raw)
+            up["rounded"] = w.tensor("rounded", raw.shape, work).copy_(low)
+    norms = {p: squared_norms(t) for p, t in up.items()}
+    out = {}
+    for pair, (a, b) in pairs.items():
+        x = up[a]
+        scratch = (w.tensor("d", x.shape, x.dtype), w.tensor("db", x.shape, x.dtype))
+        m = token_metrics(x, up[b], norms[a], norms[b], scratch)
+        out[pair] = np.stack([m[k].float().numpy() for k in METRICS])
     return out
 
 
-def recomputed_table(trace: Trace) -> MetricsTable:
-    """Per-token metrics recomputed from the stored tensors, one tap at a time.
+def comparator_workers() -> int:
+    """Threads of the streaming comparator: one tap each, single-threaded ops (coarse-grained
+    parallelism beats intra-op threads on these few-MB tensors). ``TRACER_COMPARE_WORKERS``
+    overrides; memory grows by about one tap of every path per worker."""
+    env = os.environ.get("TRACER_COMPARE_WORKERS")
+    return max(1, int(env)) if env else max(1, min(4, os.cpu_count() or 1))
 
-    A background thread reads (and up-casts) tap ``i + 1`` while tap ``i`` is compared, into
-    two alternating sets of reused buffers, so memory stays at about two taps of every path.
+
+def recomputed_table(trace: Trace, workers: int | None = None) -> MetricsTable:
+    """Per-token metrics recomputed from the stored tensors, a few taps at a time.
+
+    ``workers`` threads each take one tap at a time (read, up-cast, compare) into their own
+    reused buffers, so peak memory is about ``workers`` taps of every path, whatever the
+    number of layers.
     """
     return_freed_memory()
     paths = trace.paths
@@ -125,21 +172,26 @@ def recomputed_table(trace: Trace) -> MetricsTable:
     pairs = {k: v for k, v in PAIRS.items() if set(v) <= set(paths)}
     if "reference" in paths:
         pairs[ROUNDED] = ("rounded", "reference")
+    stored = [{p: _layout(trace, p, n) for p in paths} for n in names]  # h5py metadata, main thread only
     grids = {p: np.full((len(names), len(METRICS), trace.n_tokens), np.nan, dtype=np.float32) for p in pairs}
-    bufs = _Buffers()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracer-reader") as reader:
-        ahead = reader.submit(_load_tap, trace, names[0], paths, run_dtype, bufs, 0)
-        for i, name in enumerate(names):
-            tensors = ahead.result()
-            if i + 1 < len(names):
-                ahead = reader.submit(_load_tap, trace, names[i + 1], paths, run_dtype, bufs, (i + 1) % 2)
-            norms = {p: squared_norms(t) for p, t in tensors.items()}
-            for pair, (a, b) in pairs.items():
-                x = tensors[a]
-                scratch = (bufs.torch("d", x.shape, x.dtype), bufs.torch("db", x.shape, x.dtype))
-                m = token_metrics(x, tensors[b], norms[a], norms[b], scratch)
-                for j, k in enumerate(METRICS):
-                    grids[pair][i, j] = m[k].numpy()
+    reader = _Reader(trace)
+    local_state = threading.local()
+
+    def work(i: int):
+        if not hasattr(local_state, "worker"):
+            local_state.worker = _Worker()
+        return i, _tap_metrics(reader, stored[i], pairs, run_dtype, local_state.worker)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers or comparator_workers(), thread_name_prefix="tracer-compare") as pool:
+            for i, rows in pool.map(work, range(len(names))):
+                for pair, m in rows.items():
+                    grids[pair][i] = m
+    finally:
+        torch.set_num_threads(threads)
+        reader.close()
     table = {p: {m: g[:, j] for j, m in enumerate(METRICS)} for p, g in grids.items()}
     local = stored_table(trace).local if "local" in trace.file else {}
     return MetricsTable(list(names), table, local)

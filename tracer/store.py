@@ -55,6 +55,9 @@ FORMAT = "tracer-trace"
 SCHEMA_VERSION = 1
 BF16_ENCODING = "bfloat16-bits-as-uint16"
 COMPRESSIONS = ("none", "lzf", "gzip")
+SYNC_EVERY = 256 << 20
+"""Bytes of tap data after which the writer thread flushes to disk (overlapping writeback with
+the run instead of leaving gigabytes of dirty pages for the final fsync)."""
 _STR = h5py.string_dtype()
 
 
@@ -108,6 +111,7 @@ class TraceWriter:
         self.file.attrs["complete"] = False
         self.bytes_written = 0
         self._fd = os.open(self.partial, os.O_WRONLY)  # raw data of uncompressed taps (write_tap)
+        self._unsynced = 0
 
     def __enter__(self) -> "TraceWriter":
         return self
@@ -155,6 +159,10 @@ class TraceWriter:
             done = 0
             while offset is not None and done < len(view):  # pwrite may write less than asked
                 done += os.pwrite(self._fd, view[done:], offset + done)
+            self._unsynced += done
+            if self._unsynced >= SYNC_EVERY:  # write back as we go, not all at commit
+                os.fdatasync(self._fd)
+                self._unsynced = 0
         ds.attrs["dtype"] = dtype
         ds.attrs["encoding"] = BF16_ENCODING if dtype == "bfloat16" else "raw"
         self.bytes_written += data.nbytes

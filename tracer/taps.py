@@ -162,14 +162,17 @@ def _put(value, item, tensor):
     return tuple(value)
 
 
-def _unpacked_to_canonical(x: torch.Tensor, layout: str, batch: int, heads: int, index: torch.Tensor, per_head: bool):
-    """fair-esm layout -> canonical ``(N, E)`` or ``(N, H, d)`` (always a fresh tensor)."""
+def _unpacked_to_canonical(x: torch.Tensor, layout: str, batch: int, heads: int, rows, per_head: bool):
+    """fair-esm layout -> canonical ``(N, E)`` or ``(N, H, d)``: one gather, always a fresh tensor.
+
+    ``rows`` is ``(seq, pos)``: the batch index and position of every canonical token.
+    """
+    seq, pos = rows
     if layout == "BHTd":
         bh, t, d = x.shape  # (B*H, T, d)
-        x = x.view(batch, heads, t, d).permute(0, 2, 1, 3).reshape(batch * t, heads, d)
-        return x.index_select(0, index)  # (N, H, d)
-    t, b, e = x.shape  # (T, B, E)
-    x = x.transpose(0, 1).reshape(b * t, e).index_select(0, index)  # (N, E)
+        return x.view(batch, heads, t, d)[seq, :, pos, :]  # (N, H, d)
+    t, b, e = x.shape  # (T, B, E), contiguous
+    x = x.reshape(t * b, e).index_select(0, pos * b + seq)  # (N, E)
     return x.view(-1, heads, e // heads) if per_head else x
 
 
@@ -205,7 +208,8 @@ def tap_unpacked(model, layout: Layout, padded_len: int, names: list[str], recor
     """
     heads = model.attention_heads
     batch = len(layout.lengths)
-    index = layout.canonical_from_padded(padded_len).to(model.embed_tokens.weight.device)
+    flat = layout.canonical_from_padded(padded_len).to(model.embed_tokens.weight.device)
+    index = (flat // padded_len, flat % padded_len)  # (batch index, position) of every canonical token
     groups: dict[tuple[int, str], list] = defaultdict(list)  # (id(module), kind) -> [(name, site)]
     modules = {}
     for name in names:

@@ -304,6 +304,9 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
                     local_table = _local(model, packed, batch, names, collector, dtype, arch.num_layers)
             with clock("metrics"):
                 table = MetricsTable(names, collector.table(), local_table)
+            with clock("judge"):  # while the writer may still be busy
+                context = summary_context(meta, batch_description(sequences, config.pack_order))
+                summary = judge(table, batch.layout, batch.ids, rule, context, trace=str(out))
             with clock("write_wait"):
                 if async_writer is not None:
                     async_writer.close()
@@ -315,9 +318,6 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
             if async_writer is not None:  # failure path: stop the thread before the file is removed
                 with contextlib.suppress(BaseException):
                     async_writer.close()
-        with clock("judge"):
-            context = summary_context(meta, batch_description(sequences, config.pack_order))
-            summary = judge(table, batch.layout, batch.ids, rule, context, trace=str(out))
         with clock("commit"):
             writer.write_metrics("metrics", names, table.pairs)
             if local_table:

@@ -446,34 +446,7 @@ def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict
         attribution = Attribution(drifting, earliest, points["packed"], points["unpacked"], explained,
                                   context.get("reference") or "reference", at)
 
-    stats = []
-    for i, name in enumerate(table.taps):
-        layer, site = parse_tap(name)
-        rel = pair["rel_l2"][i]
-        vs_ref = None
-        if drift_masks:
-            vs_ref = {
-                path: {
-                    "max_rel_l2": _num(np.nanmax(table.pairs[VS_REF[path]]["rel_l2"][i]) if np.isfinite(table.pairs[VS_REF[path]]["rel_l2"][i]).any() else np.nan),
-                    "median_rel_l2": _num(_median(table.pairs[VS_REF[path]]["rel_l2"][i : i + 1])[0]),
-                    "drift_tokens": int(drift_masks[path][i].sum()),
-                }
-                for path in VS_REF
-            }
-        finite = rel[np.isfinite(rel)]
-        cds = pair["cos_dist"][i]
-        stats.append(TapStats(
-            name=name, layer=layer, tap=site,
-            min_cos=float(1.0 - np.nanmax(cds)) if np.isfinite(cds).any() else float("nan"),
-            max_rel_l2=float(finite.max()) if finite.size == rel.size and rel.size else float("nan"),
-            median_rel_l2=float(np.median(finite)) if finite.size else float("nan"),
-            max_abs=float(np.nanmax(pair["max_abs"][i])) if np.isfinite(pair["max_abs"][i]).any() else float("nan"),
-            diverged_tokens=int(diverged[i].sum()),
-            threshold=float(bars[i]),
-            noise=float(noise[i]) if noise is not None else None,
-            floor=float(floor[i]) if floor is not None else None,
-            vs_reference=vs_ref,
-        ))
+    stats = _tap_stats(table, pair, diverged, bars, noise, floor, drift_masks)
 
     local = {}
     for lpair, metrics in table.local.items():
@@ -498,6 +471,43 @@ def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict
         taps=stats,
         local=local,
     )
+
+
+def _row_stats(rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: max (NaN if any token is non-finite) and median over the finite tokens."""
+    finite = np.isfinite(rel)
+    with np.errstate(all="ignore"):
+        mx = np.where(finite.all(axis=1), np.max(np.where(finite, rel, -np.inf), axis=1), np.nan)
+    return mx, _median(rel)
+
+
+def _tap_stats(table, pair, diverged, bars, noise, floor, drift_masks) -> list[TapStats]:
+    """Per-tap summaries, vectorised over the (taps, tokens) arrays."""
+    max_rel, med_rel = _row_stats(pair["rel_l2"])
+    with np.errstate(all="ignore"):
+        min_cos = 1.0 - np.nanmax(np.where(np.isfinite(pair["cos_dist"]), pair["cos_dist"], np.nan), axis=1)
+        max_abs = np.nanmax(np.where(np.isfinite(pair["max_abs"]), pair["max_abs"], np.nan), axis=1)
+    n_div = diverged.sum(axis=1)
+    ref = {}
+    for path, key in VS_REF.items():
+        if drift_masks:
+            rel = table.pairs[key]["rel_l2"]
+            with np.errstate(all="ignore"):
+                mx = np.nanmax(np.where(np.isfinite(rel), rel, np.nan), axis=1)
+            ref[path] = (mx, _median(rel), drift_masks[path].sum(axis=1))
+    stats = []
+    for i, name in enumerate(table.taps):
+        layer, site = parse_tap(name)
+        vs_ref = {p: {"max_rel_l2": _num(v[0][i]), "median_rel_l2": _num(v[1][i]), "drift_tokens": int(v[2][i])} for p, v in ref.items()} or None
+        stats.append(TapStats(
+            name=name, layer=layer, tap=site,
+            min_cos=float(min_cos[i]), max_rel_l2=float(max_rel[i]), median_rel_l2=float(med_rel[i]),
+            max_abs=float(max_abs[i]), diverged_tokens=int(n_div[i]), threshold=float(bars[i]),
+            noise=float(noise[i]) if noise is not None else None,
+            floor=float(floor[i]) if floor is not None else None,
+            vs_reference=vs_ref,
+        ))
+    return stats
 
 
 def _nanmax(a: np.ndarray) -> float:
