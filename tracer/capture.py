@@ -20,7 +20,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from tracer.metrics import METRICS, round_to, stacked_metrics
+from tracer.metrics import from_sums, round_to, token_sums
 
 PAIRS = {
     "packed-vs-unpacked": ("packed", "unpacked"),
@@ -112,8 +112,10 @@ class AsyncTapWriter:
 class Collector:
     """Receives taps path by path, computes pair metrics, forwards tensors to the writer.
 
-    Metrics are computed in batches of up to :attr:`batch` taps of the same shape (one
-    ``stacked_metrics`` call each), which keeps the number of small GPU kernel launches low.
+    Per-token sums (:func:`tracer.metrics.token_sums`) are computed on the taps' device in
+    batches of up to :attr:`batch` taps of the same shape, a handful of fused kernels per batch
+    (the run is otherwise bound by kernel launches); the metrics are finished from the sums on
+    the CPU, for the whole table at once, by :meth:`table`.
 
     Args:
         names: tap names being traced (walk order).
@@ -133,7 +135,7 @@ class Collector:
         self.keep = set(keep)
         self.held: dict[str, dict[str, torch.Tensor]] = {p: {} for p in paths}
         self.pairs = {k: v for k, v in PAIRS.items() if set(v) <= set(paths)}
-        self.metrics: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # pair -> tap -> (3, N)
+        self.metrics: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # pair -> tap -> (5, N) sums
         self.pending: list[tuple[str, str]] = []  # (pair, tap) ready to compute
 
     def recorder(self, path: str):
@@ -172,7 +174,7 @@ class Collector:
             groups[(a.shape, a.dtype, b.dtype, a.device)].append((pair, name, a, b))
         self.pending = []
         for items in groups.values():
-            out = stacked_metrics(torch.stack([x[2] for x in items]), torch.stack([x[3] for x in items]))  # (K, 3, N)
+            out = token_sums(torch.stack([x[2] for x in items]), torch.stack([x[3] for x in items]))  # (K, 5, N)
             for (pair, name, _, _), m in zip(items, out):
                 self.metrics[pair][name] = m
             for _, name, _, _ in items:
@@ -196,6 +198,6 @@ class Collector:
                 continue
             some = next(iter(by_tap.values()))
             nan = torch.full_like(some, torch.nan)
-            grid = torch.stack([by_tap.get(name, nan) for name in self.names]).cpu()  # (T, 3, N), one transfer
-            out[pair] = {m: grid[:, j].numpy() for j, m in enumerate(METRICS)}
+            sums = torch.stack([by_tap.get(name, nan) for name in self.names]).cpu().double()  # (T, 5, N), one transfer
+            out[pair] = {m: v.float().numpy() for m, v in from_sums(sums).items()}
         return out

@@ -33,7 +33,7 @@ import torch
 
 from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
-from tracer.metrics import METRICS, squared_norms, token_metrics
+from tracer.metrics import METRICS, norms, token_metrics
 from tracer.store import Trace, from_numpy, open_trace
 from tracer.tracing import batch_description, default_rule, summary_context
 from tracer.verdict import PAIR, MetricsTable, Point, Rule, Summary, judge
@@ -133,12 +133,12 @@ def _tap_metrics(reader: _Reader, stored: dict[str, _Stored], pairs: dict, run_d
         if p == "reference":  # the reference rounded to the run dtype, and back
             low = w.tensor("low", raw.shape, run_dtype).copy_(raw)
             up["rounded"] = w.tensor("rounded", raw.shape, work).copy_(low)
-    norms = {p: squared_norms(t) for p, t in up.items()}
+    size = {p: norms(t) for p, t in up.items()}
     out = {}
     for pair, (a, b) in pairs.items():
         x = up[a]
         scratch = (w.tensor("d", x.shape, x.dtype), w.tensor("db", x.shape, x.dtype))
-        m = token_metrics(x, up[b], norms[a], norms[b], scratch)
+        m = token_metrics(x, up[b], size[a], size[b], scratch)
         out[pair] = np.stack([m[k].float().numpy() for k in METRICS])
     return out
 

@@ -47,54 +47,68 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return token_metrics(a, b)["rel_l2"]
 
 
-def token_metrics(a: torch.Tensor, b: torch.Tensor, aa=None, bb=None, scratch=None) -> dict[str, torch.Tensor]:
+SUMS = ("nd", "na", "nb", "db", "mx")
+"""Per-token sums the metrics derive from: |a-b|, |a|, |b|, (a-b).b, max|a-b|."""
+
+
+def token_metrics(a: torch.Tensor, b: torch.Tensor, na=None, nb=None, scratch=None) -> dict[str, torch.Tensor]:
     """All three metrics at once for ``(N, ...)`` taps: ``{name: (N,) float64}``.
 
-    ``aa``/``bb`` optionally pass each side's :func:`squared_norms`, when one tap takes part in
-    several pairs; ``scratch`` optionally passes two ``(N, F)`` tensors of the working dtype to
-    hold intermediates (a streaming loop then allocates nothing).
+    ``na``/``nb`` optionally pass each side's :func:`norms`, when one tap takes part in several
+    pairs; ``scratch`` optionally passes two ``(N, F)`` tensors of the working dtype to hold
+    intermediates (a streaming loop then allocates nothing).
     """
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return _metrics(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), aa, bb, scratch)
+    sums = token_sums(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), na, nb, scratch)
+    return from_sums(sums.to(_F64))
 
 
-def squared_norms(x: torch.Tensor) -> torch.Tensor:
-    """Per-token squared L2 norms, ``(N,)`` float64 (as the metrics compute them)."""
+def norms(x: torch.Tensor) -> torch.Tensor:
+    """Per-token L2 norms of a tap, ``(N,)``, in its working dtype (float32 or float64)."""
     x = x.reshape(x.shape[0], -1)
-    return torch.linalg.vector_norm(x.to(_F64 if x.dtype == _F64 else torch.float32), dim=-1).to(_F64) ** 2
+    return torch.linalg.vector_norm(x.to(_work(x.dtype)), dim=-1)
 
 
-def stacked_metrics(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Metrics of K taps at once: ``a``, ``b`` ``(K, N, F)`` -> ``(K, 3, N)`` float32, in :data:`METRICS` order."""
-    m = _metrics(a, b)
-    return torch.stack([m[k] for k in METRICS], dim=-2).float()
+def _work(*dtypes) -> torch.dtype:
+    return _F64 if _F64 in dtypes else torch.float32
 
 
-def _metrics(a: torch.Tensor, b: torch.Tensor, aa=None, bb=None, scratch=None) -> dict[str, torch.Tensor]:
-    work = _F64 if _F64 in (a.dtype, b.dtype) else torch.float32
+def token_sums(a: torch.Tensor, b: torch.Tensor, na=None, nb=None, scratch=None) -> torch.Tensor:
+    """The :data:`SUMS` of ``(..., N, F)`` taps, ``(..., 5, N)`` in the working dtype.
+
+    Few, fused kernels (this runs inside the traced forward on the GPU); :func:`from_sums`
+    finishes the metrics, on the CPU, for a whole table at once.
+    """
+    work = _work(a.dtype, b.dtype)
     a, b = a.to(work), b.to(work)  # exact up-casts
     if scratch is None or scratch[0].dtype != work:
-        d = a - b  # (..., F); rounding below 2^-24 relative to the difference itself
-        db = (d * b).sum(-1).to(_F64)
+        d = a - b  # rounding below 2^-24 relative to the difference itself
+        db = (d * b).sum(-1)
     else:
         d = torch.sub(a, b, out=scratch[0])
-        db = torch.mul(d, b, out=scratch[1]).sum(-1).to(_F64)
-    dd = torch.linalg.vector_norm(d, dim=-1).to(_F64) ** 2  # fused reductions, pairwise/tree sums
-    bb = torch.linalg.vector_norm(b, dim=-1).to(_F64) ** 2 if bb is None else bb
-    aa = torch.linalg.vector_norm(a, dim=-1).to(_F64) ** 2 if aa is None else aa
-    mx = torch.maximum(d.amax(dim=-1), -d.amin(dim=-1)).to(_F64) if d.shape[-1] else torch.zeros_like(dd)
-    na, nb = aa.sqrt(), bb.sqrt()
+        db = torch.mul(d, b, out=scratch[1]).sum(-1)
+    nd = torch.linalg.vector_norm(d, dim=-1)  # fused reductions, pairwise/tree sums
+    na = torch.linalg.vector_norm(a, dim=-1) if na is None else na
+    nb = torch.linalg.vector_norm(b, dim=-1) if nb is None else nb
+    mx = torch.maximum(d.amax(dim=-1), -d.amin(dim=-1)) if d.shape[-1] else torch.zeros_like(nd)
+    return torch.stack([nd, na, nb, db, mx], dim=-2)
+
+
+def from_sums(sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Metrics from :func:`token_sums` (``(..., 5, N)``, float64): ``{name: (..., N)}``."""
+    nd, na, nb, db, mx = sums.unbind(-2)
+    dd, aa, bb = nd * nd, na * na, nb * nb
     # 1 - cos from the part of d orthogonal to b: sin^2 = (|d|^2 - (d.b)^2/|b|^2) / |a|^2 and
     # 1 - cos = sin^2 / (1 + cos). Every term is relative to |d|, so this stays accurate when a
     # and b agree to the last float32 bit (1 - a.b/(|a||b|) would cancel to noise there).
     cos = (bb + db) / (na * nb).clamp_min(1e-300)
     sin2 = (dd - db * db / bb.clamp_min(1e-300)).clamp_min(0.0) / aa.clamp_min(1e-300)
     cd = torch.where(cos > 0, sin2 / (1 + cos), 1 - cos)
-    cd = torch.where((aa > 0) & (bb > 0), cd, (aa != bb).to(_F64))  # both zero: 0; exactly one zero: 1
-    rel = torch.where(bb > 0, (dd / bb.clamp_min(1e-300)).sqrt(), torch.where(dd > 0, torch.inf, 0.0))
-    bad = ~(torch.isfinite(aa) & torch.isfinite(bb) & torch.isfinite(dd))  # NaN/Inf anywhere in the token
-    nan = torch.full_like(dd, torch.nan)
+    cd = torch.where((aa > 0) & (bb > 0), cd, (aa != bb).to(sums.dtype))  # both zero: 0; exactly one zero: 1
+    rel = torch.where(bb > 0, nd / nb.clamp_min(1e-300), torch.where(nd > 0, torch.inf, 0.0))
+    bad = ~(torch.isfinite(na) & torch.isfinite(nb) & torch.isfinite(nd))  # NaN/Inf anywhere in the token
+    nan = torch.full_like(nd, torch.nan)
     return {"cos_dist": torch.where(bad, nan, cd), "max_abs": torch.where(bad, nan, mx), "rel_l2": torch.where(bad, nan, rel)}
 
 
