@@ -5,9 +5,9 @@ The paths run one after another (``unpacked``, ``packed``, then ``reference``). 
 :mod:`tracer.taps`. As soon as both sides of a pair are present it computes the per-token
 metrics (on the tap's device, in float64), and it lets go of a tensor once no later pair or
 step needs it. Full tensors go to an :class:`AsyncTapWriter`, so the forward never waits for
-the disk: on CUDA the writer thread waits for the kernel that produced a tap (a CUDA event),
+the disk: on CUDA a copy thread waits for the kernel that produced a tap (a CUDA event) and
 copies it into a reusable pinned host buffer on its own stream (pageable ``.cpu()`` copies run
-at ~1 GB/s on the H100 machine, pinned ones at ~50 GB/s) and writes it to HDF5.
+at ~1 GB/s on the H100 machine, pinned ones at ~50 GB/s), and a disk thread writes it.
 """
 
 from __future__ import annotations
@@ -32,23 +32,31 @@ ROUNDED = "rounded-vs-reference"
 
 
 class AsyncTapWriter:
-    """Writes taps to a :class:`tracer.store.TraceWriter` on a background thread.
+    """Writes taps to a :class:`tracer.store.TraceWriter` in the background, in two stages.
+
+    A *copy* thread waits for the kernel that produced each CUDA tap (an event) and copies it
+    into a pinned host buffer on its own stream (a few buffers per shape, reused); a *disk*
+    thread writes host tensors to the trace. The stages overlap, and the forward never waits
+    for either (it only enqueues). CPU taps skip the copy stage.
 
     Args:
-        writer: the trace writer (only this thread touches the HDF5 file until :meth:`close`).
-        on_write: optional ``callable(nbytes)`` called after each tap is written.
+        writer: the trace writer (only the disk thread touches the HDF5 file until :meth:`close`).
+        buffers: pinned buffers per tap shape (bounds host memory in flight).
     """
 
-    def __init__(self, writer, on_write=None):
+    def __init__(self, writer, buffers: int = 4):
         self.writer = writer
-        self.on_write = on_write
-        self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self._pinned: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-        self._stream = None
         self.stats = {"taps": 0, "bytes": 0, "write_seconds": 0.0, "copy_seconds": 0.0}
-        self.thread = threading.Thread(target=self._loop, name="tracer-writer", daemon=True)
-        self.thread.start()
+        self._copy_q: queue.Queue = queue.Queue()
+        self._disk_q: queue.Queue = queue.Queue()
+        self._pools: dict[tuple, queue.Queue] = {}
+        self._buffers = buffers
+        self._stream = None
+        self._copier = threading.Thread(target=self._copy_loop, name="tracer-copy", daemon=True)
+        self._disk = threading.Thread(target=self._disk_loop, name="tracer-disk", daemon=True)
+        self._copier.start()
+        self._disk.start()
 
     def submit(self, path: str, name: str, tensor: torch.Tensor) -> None:
         if self.error is not None:
@@ -57,54 +65,68 @@ class AsyncTapWriter:
         if tensor.is_cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(tensor.device))
-        self.queue.put((path, name, tensor, event))
+        self._copy_q.put((path, name, tensor, event))
 
-    def _host(self, t: torch.Tensor, event) -> tuple[torch.Tensor, list | None]:
-        if not t.is_cuda:
-            return t, None
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=t.device)
+    def _pool(self, t: torch.Tensor) -> queue.Queue:
         key = (tuple(t.shape), t.dtype)
-        pool = self._pinned[key]
-        buf = pool.pop() if pool else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        event.wait(self._stream)  # the producing kernel has run
-        with torch.cuda.stream(self._stream):
-            buf.copy_(t, non_blocking=True)
-        self._stream.synchronize()
-        return buf, pool
+        if key not in self._pools:
+            pool: queue.Queue = queue.Queue()
+            for _ in range(self._buffers):
+                pool.put(torch.empty(t.shape, dtype=t.dtype, pin_memory=True))
+            self._pools[key] = pool
+        return self._pools[key]
 
-    def _loop(self) -> None:
+    def _copy_loop(self) -> None:
         while True:
-            item = self.queue.get()
+            item = self._copy_q.get()
             if item is None:
+                self._disk_q.put(None)
                 return
-            if self.error is not None:
-                continue  # drain after a failure; the error is raised in the main thread
             path, name, tensor, event = item
+            if self.error is not None or not tensor.is_cuda:
+                self._disk_q.put((path, name, tensor, None))
+                continue
             try:
                 t0 = time.perf_counter()
-                host, pool = self._host(tensor, event)
-                del tensor, item
-                t1 = time.perf_counter()
-                self.writer.write_tap(path, name, host)
-                t2 = time.perf_counter()
-                if pool is not None:
-                    pool.append(host)
-                nbytes = host.numel() * host.element_size()
-                self.stats["taps"] += 1
-                self.stats["bytes"] += nbytes
-                self.stats["copy_seconds"] += t1 - t0
-                self.stats["write_seconds"] += t2 - t1
-                if self.on_write:
-                    self.on_write(nbytes)
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(device=tensor.device)
+                pool = self._pool(tensor)
+                buf = pool.get()  # blocks while the disk stage holds every buffer of this shape
+                event.wait(self._stream)  # the producing kernel has run
+                with torch.cuda.stream(self._stream):
+                    buf.copy_(tensor, non_blocking=True)
+                self._stream.synchronize()
+                self.stats["copy_seconds"] += time.perf_counter() - t0
+                self._disk_q.put((path, name, buf, pool))
             except BaseException as e:  # surfaced by close()/submit() in the main thread
                 self.error = e
+            del tensor, item
+
+    def _disk_loop(self) -> None:
+        while True:
+            item = self._disk_q.get()
+            if item is None:
+                return
+            path, name, host, pool = item
+            try:
+                if self.error is None:
+                    t0 = time.perf_counter()
+                    self.writer.write_tap(path, name, host)
+                    self.stats["write_seconds"] += time.perf_counter() - t0
+                    self.stats["taps"] += 1
+                    self.stats["bytes"] += host.numel() * host.element_size()
+            except BaseException as e:
+                self.error = e
+            finally:
+                if pool is not None:
+                    pool.put(host)
 
     def close(self) -> None:
         """Wait until every submitted tap is written; re-raise a writer failure."""
-        self.queue.put(None)
-        self.thread.join()
-        self._pinned.clear()
+        self._copy_q.put(None)
+        self._copier.join()
+        self._disk.join()
+        self._pools.clear()
         if self.error is not None:
             raise self.error
 

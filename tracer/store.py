@@ -55,9 +55,6 @@ FORMAT = "tracer-trace"
 SCHEMA_VERSION = 1
 BF16_ENCODING = "bfloat16-bits-as-uint16"
 COMPRESSIONS = ("none", "lzf", "gzip")
-SYNC_EVERY = 256 << 20
-"""Bytes of tap data after which the writer thread flushes to disk (overlapping writeback with
-the run instead of leaving gigabytes of dirty pages for the final fsync)."""
 _STR = h5py.string_dtype()
 
 
@@ -111,7 +108,6 @@ class TraceWriter:
         self.file.attrs["complete"] = False
         self.bytes_written = 0
         self._fd = os.open(self.partial, os.O_WRONLY)  # raw data of uncompressed taps (write_tap)
-        self._unsynced = 0
 
     def __enter__(self) -> "TraceWriter":
         return self
@@ -159,10 +155,10 @@ class TraceWriter:
             done = 0
             while offset is not None and done < len(view):  # pwrite may write less than asked
                 done += os.pwrite(self._fd, view[done:], offset + done)
-            self._unsynced += done
-            if self._unsynced >= SYNC_EVERY:  # write back as we go, not all at commit
-                os.fdatasync(self._fd)
-                self._unsynced = 0
+            if offset is not None and done and hasattr(os, "posix_fadvise"):
+                # start writeback of this range now (asynchronously) rather than leaving
+                # gigabytes of dirty pages for the final fsync, and keep them out of the cache
+                os.posix_fadvise(self._fd, offset, done, os.POSIX_FADV_DONTNEED)
         ds.attrs["dtype"] = dtype
         ds.attrs["encoding"] = BF16_ENCODING if dtype == "bfloat16" else "raw"
         self.bytes_written += data.nbytes

@@ -342,8 +342,14 @@ def _order(p: Point):
 
 
 def _median(rows: np.ndarray) -> np.ndarray:
+    """Per-row median over the finite values (0 for a row with none)."""
+    if not rows.size:
+        return np.zeros(len(rows))
+    finite = np.isfinite(rows)
+    if finite.all():
+        return np.median(rows, axis=1)
     with np.errstate(all="ignore"):
-        out = np.nanmedian(np.where(np.isfinite(rows), rows, np.nan), axis=1) if rows.size else np.zeros(len(rows))
+        out = np.nanmedian(np.where(finite, rows, np.nan), axis=1)
     return np.nan_to_num(out, nan=0.0)
 
 
