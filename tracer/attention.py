@@ -122,6 +122,12 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if name == "math":
         return Backend("math", math_attention, deterministic=True)
     if name in ("flash-attn", "torch-varlen"):
+        if name == "flash-attn" and not has_flash_attn():
+            where = "" if cuda else f"; this run is on {device.type}, where --attn math is the backend"
+            raise TracerError(
+                "--attn flash-attn: the flash-attn package is not installed (it builds only on CUDA "
+                f"machines: pip install 'tracer[flash]'), or use --attn torch-varlen{where}"
+            )
         if not cuda:
             raise TracerError(f"--attn {name} needs a CUDA device; use --attn math on {device.type}")
         if not half:
@@ -130,11 +136,6 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
                 "use --dtype bfloat16 or --attn math"
             )
         if name == "flash-attn":
-            if not has_flash_attn():
-                raise TracerError(
-                    "--attn flash-attn: the flash-attn package is not installed "
-                    "(pip install 'tracer[flash]' on a CUDA machine), or use --attn torch-varlen"
-                )
             return Backend("flash-attn", _flash_attn, deterministic=True, version=_version("flash-attn"))
         if not has_torch_varlen():
             raise TracerError(

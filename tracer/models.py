@@ -168,12 +168,11 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=not trust)
     except pickle.UnpicklingError as e:
-        if trust:
-            raise TracerError(f"{path} is not a PyTorch checkpoint ({_first_line(e)})") from None
-        detail = re.search(r"Unsupported global: [^\n]*", str(e))
+        detail = re.search(r"Unsupported (global|class)[^\n]*", str(e))
+        if trust or detail is None:  # not about foreign objects: the bytes are not a checkpoint
+            raise TracerError(f"{path} is not a readable PyTorch checkpoint ({_last_line(e)})") from None
         raise TracerError(
-            f"{path} holds Python objects beyond tensors "
-            f"({detail.group(0) if detail else _first_line(e)}); "
+            f"{path} holds Python objects beyond tensors ({detail.group(0).rstrip('.')}); "
             "if you trust the file, add --trust-checkpoint"
         ) from None
     except Exception as e:  # whatever torch.load raises on a file that is not a checkpoint
@@ -402,6 +401,11 @@ def strict_fp32_matmul():
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
+
+
+def _last_line(e: BaseException) -> str:
+    text = [t for t in str(e).strip().splitlines() if t.strip()]
+    return text[-1].strip() if text else type(e).__name__
 
 
 def _first_line(e: BaseException) -> str:

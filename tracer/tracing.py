@@ -227,8 +227,6 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
         raise TracerError(f"unknown --packed-rope {config.packed_rope!r}; choose one of {', '.join(ROPE_MODES)}")
     ref_dtype = reference_dtype(config.reference, dtype)
     backend = attention.resolve(config.attn, device, dtype)  # before loading: fail fast
-    if dtype == torch.float16 and device.type == "cpu":
-        raise TracerError("--dtype float16 does not run on the CPU with fair-esm's ops; use bfloat16 or float32 (or --device cuda)")
     if config.local and ref_dtype is None:
         say("--local without a reference splits packed-vs-unpacked error only")
 
@@ -314,6 +312,13 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
                     async_writer = None
         except torch.cuda.OutOfMemoryError:
             raise TracerError(_oom_message(names, batch, arch, dtype, device)) from None
+        except (RuntimeError, NotImplementedError) as e:
+            if "not implemented for" not in str(e) and not isinstance(e, NotImplementedError):
+                raise
+            raise TracerError(
+                f"this PyTorch ({torch.__version__}) cannot run ESM-2 in {dtype_name(dtype)} on {device.type} "
+                f"with --attn {backend.name} ({str(e).splitlines()[0]}); choose another --dtype, --device or --attn"
+            ) from None
         finally:
             if async_writer is not None:  # failure path: stop the thread before the file is removed
                 with contextlib.suppress(BaseException):
