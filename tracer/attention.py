@@ -21,13 +21,13 @@ Backends:
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from tracer.env import version
 from tracer.errors import TracerError
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, "float | None"], torch.Tensor]
@@ -83,13 +83,6 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale):
     )
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def has_flash_attn() -> bool:
     try:
         import flash_attn  # noqa: F401
@@ -136,7 +129,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
                 "use --dtype bfloat16 or --attn math"
             )
         if name == "flash-attn":
-            return Backend("flash-attn", _flash_attn, deterministic=True, version=_version("flash-attn"))
+            return Backend("flash-attn", _flash_attn, deterministic=True, version=version("flash-attn"))
         if not has_torch_varlen():
             raise TracerError(
                 f"--attn torch-varlen needs torch.nn.attention.varlen (PyTorch >= 2.10), "

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 
 from tracer.metrics import from_sums, round_to, token_sums
+from tracer.verdict import PAIR, ROUNDED, VS_REF
 
 PAIRS = {
-    "packed-vs-unpacked": ("packed", "unpacked"),
-    "unpacked-vs-reference": ("unpacked", "reference"),
-    "packed-vs-reference": ("packed", "reference"),
+    PAIR: ("packed", "unpacked"),
+    VS_REF["unpacked"]: ("unpacked", "reference"),
+    VS_REF["packed"]: ("packed", "reference"),
 }
-ROUNDED = "rounded-vs-reference"
-"""The reference rounded to the run dtype, against itself: the representation floor."""
+"""The compared pairs, ``(a, b)``: metrics of ``a`` against the baseline ``b``. Besides these,
+:data:`ROUNDED` compares the reference rounded to the run dtype with itself (the floor)."""
 
 
 class AsyncTapWriter:

@@ -33,7 +33,6 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import esm
 import torch
 from esm.model.esm2 import ESM2
 
@@ -134,14 +133,19 @@ def build_random(arch: Architecture, seed: int) -> ESM2:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ESM2(
-            num_layers=arch.num_layers,
-            embed_dim=arch.embed_dim,
-            attention_heads=arch.heads,
-            alphabet="ESM-1b",
-            token_dropout=arch.token_dropout,
-        )
+        model = _esm2(arch)
     return model.eval().requires_grad_(False)
+
+
+def _esm2(arch: Architecture) -> ESM2:
+    """fair-esm's ESM2 module of this shape (weights as fair-esm initialises them)."""
+    return ESM2(
+        num_layers=arch.num_layers,
+        embed_dim=arch.embed_dim,
+        attention_heads=arch.heads,
+        alphabet="ESM-1b",
+        token_dropout=arch.token_dropout,
+    )
 
 
 def hub_checkpoint_path(name: str) -> Path:
@@ -222,14 +226,8 @@ def build_from_checkpoint(data: dict, arch: Architecture, path: str | Path) -> E
     """
     prefix = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")  # fair-esm's upgrade_state_dict
     state = {prefix.sub("", k): v for k, v in data["model"].items()}
-    with torch.device("meta"):
-        model = ESM2(
-            num_layers=arch.num_layers,
-            embed_dim=arch.embed_dim,
-            attention_heads=arch.heads,
-            alphabet="ESM-1b",
-            token_dropout=arch.token_dropout,
-        )
+    with torch.device("meta"):  # no allocation, no init: the checkpoint's tensors are assigned
+        model = _esm2(arch)
     expected = set(model.state_dict())
     optional = {k for k in expected if k.startswith("contact_head.") or k.endswith("rot_emb.inv_freq")}
     missing = sorted(expected - set(state) - optional)
@@ -411,7 +409,3 @@ def _last_line(e: BaseException) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-def _check_esm_version() -> str:
-    return getattr(esm, "__version__", None) or esm.version.version

@@ -25,9 +25,6 @@ from tracer.packing import Layout, pack_order
 from tracer.sequences import Sequence
 from tracer.taps import Record, tap_packed, tap_unpacked
 
-PATHS = ("unpacked", "packed", "reference")
-
-
 @dataclass(frozen=True)
 class Batch:
     """One batch, encoded for both paths.

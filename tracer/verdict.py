@@ -44,6 +44,7 @@ PLAIN_MAX_REL_L2 = {"float32": 1e-3, "float64": 1e-6, "float16": 1e-2, "bfloat16
 PAIR = "packed-vs-unpacked"
 VS_REF = {"packed": "packed-vs-reference", "unpacked": "unpacked-vs-reference"}
 ROUNDED = "rounded-vs-reference"
+"""The reference rounded to the run dtype, against itself: the representation floor."""
 
 
 @dataclass

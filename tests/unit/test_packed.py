@@ -1,7 +1,5 @@
 """The packed path against fair-esm's own forward, and the taps that record them."""
 
-import esm
-import pytest
 import torch
 
 from tests.conftest import mixed_batch
@@ -9,7 +7,6 @@ from tracer.attention import resolve
 from tracer.faults import Faults
 from tracer.models import set_precision
 from tracer.packed import PackedESM2, Rope
-from tracer.packing import Layout
 from tracer.paths import encode, run_packed, run_unpacked
 from tracer.taps import tap_names
 

@@ -35,7 +35,7 @@ def test_cu_seqlens(lay):
 def test_positions_restart_per_sequence(lay):
     pos = lay.positions
     cu = lay.cu_seqlens.tolist()
-    for j, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+    for a, b in zip(cu[:-1], cu[1:]):
         assert torch.equal(pos[a:b], torch.arange(b - a))
 
 
