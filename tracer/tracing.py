@@ -209,44 +209,9 @@ def _oom_message(names: list[str], batch: Batch, arch, dtype: torch.dtype, devic
     )
 
 
-def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loaded=None) -> Result:
-    """Run, compare and write one trace (see module docstring).
-
-    ``loaded`` may be ``(model, arch, weights)`` from :func:`tracer.models.load_model`, to reuse a
-    model across runs (its precision and device are set by the run).
-    """
-    say = _Say(quiet)
-    timings: dict[str, float] = {}
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first use)
-    return_freed_memory()
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype)
-    if dtype == torch.float64:
-        raise TracerError("--dtype float64 is a reference precision, not a run dtype; choose bfloat16, float16 or float32")
-    if config.packed_rope not in ROPE_MODES:
-        raise TracerError(f"unknown --packed-rope {config.packed_rope!r}; choose one of {', '.join(ROPE_MODES)}")
-    ref_dtype = reference_dtype(config.reference, dtype)
-    backend = attention.resolve(config.attn, device, dtype)  # before loading: fail fast
-    if config.local and ref_dtype is None:
-        say("--local without a reference splits packed-vs-unpacked error only")
-
-    t0 = time.perf_counter()
-    if loaded is None:
-        loaded = models.load_model(config.model, config.weights, config.seed, config.trust_checkpoint, progress=say)
-    model, arch, weights = loaded
-    timings["load"] = time.perf_counter() - t0
-    names = select_taps(arch.num_layers, list(config.taps) if config.taps else None, list(config.layers) if config.layers is not None else None)
-    if config.local and not (EMBED in names and all(tap_name(i, "resid_out") in names for i in range(arch.num_layers - 1))):
-        raise TracerError("--local re-runs each layer on its recorded input: it needs all layers and the embed and resid_out taps")
-    batch = encode(sequences, model.alphabet, config.pack_order)
-    _validate_faults(config.faults, batch, arch.num_layers)
-    paths = ["unpacked", "packed"] + (["reference"] if ref_dtype is not None else [])
-    rule = config.rule or default_rule(dtype_name(dtype), ref_dtype is not None)
-    if rule.kind == "noise" and ref_dtype is None:
-        raise TracerError("the noise-aware rule needs a reference; use --reference fp32/fp64 or --rule plain")
-    out = Path(config.out) if config.out else default_out(arch.name, dtype_name(dtype), sequences)
-
-    meta = {
+def run_meta(config: RunConfig, arch, weights, dtype, ref_dtype, backend, names: list[str], device) -> dict:
+    """The trace's ``meta`` record: everything needed to know what was run, and how."""
+    return {
         "tool_version": tool_version(),
         "command": list(config.command),
         "model": arch.name,
@@ -268,6 +233,48 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
         "environment": environment(device),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loaded=None) -> Result:
+    """Run, compare and write one trace (see module docstring).
+
+    ``loaded`` may be ``(model, arch, weights)`` from :func:`tracer.models.load_model`, to reuse a
+    model across runs (its precision and device are set by the run).
+    """
+    say = _Say(quiet)
+    timings: dict[str, float] = {}
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first use)
+    return_freed_memory()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype)
+    if dtype == torch.float64:
+        raise TracerError("--dtype float64 is a reference precision, not a run dtype; choose bfloat16, float16 or float32")
+    if config.packed_rope not in ROPE_MODES:
+        raise TracerError(f"unknown --packed-rope {config.packed_rope!r}; choose one of {', '.join(ROPE_MODES)}")
+    ref_dtype = reference_dtype(config.reference, dtype)
+    backend = attention.resolve(config.attn, device, dtype)  # before loading: fail fast
+    if config.local and ref_dtype is None:
+        say("--local without a reference splits packed-vs-unpacked error only")
+    if config.out and Path(config.out).exists() and not config.force:  # before a long model load
+        raise TracerError(f"{config.out} exists; pass --force to overwrite it or --out to choose another path")
+
+    t0 = time.perf_counter()
+    if loaded is None:
+        loaded = models.load_model(config.model, config.weights, config.seed, config.trust_checkpoint, progress=say)
+    model, arch, weights = loaded
+    timings["load"] = time.perf_counter() - t0
+    names = select_taps(arch.num_layers, list(config.taps) if config.taps else None, list(config.layers) if config.layers is not None else None)
+    if config.local and not (EMBED in names and all(tap_name(i, "resid_out") in names for i in range(arch.num_layers - 1))):
+        raise TracerError("--local re-runs each layer on its recorded input: it needs all layers and the embed and resid_out taps")
+    batch = encode(sequences, model.alphabet, config.pack_order)
+    _validate_faults(config.faults, batch, arch.num_layers)
+    paths = ["unpacked", "packed"] + (["reference"] if ref_dtype is not None else [])
+    rule = config.rule or default_rule(dtype_name(dtype), ref_dtype is not None)
+    if rule.kind == "noise" and ref_dtype is None:
+        raise TracerError("the noise-aware rule needs a reference; use --reference fp32/fp64 or --rule plain")
+    out = Path(config.out) if config.out else default_out(arch.name, dtype_name(dtype), sequences)
+
+    meta = run_meta(config, arch, weights, dtype, ref_dtype, backend, names, device)
     say(
         f"{arch.name} {dtype_name(dtype)} on {meta['environment']['device_name']} ({device}); attention {backend.name}; "
         f"reference {meta['reference_dtype'] or 'none'}; {len(names)} taps x {batch.layout.n_tokens} tokens"
