@@ -3,8 +3,8 @@
 The paths run one after another (``unpacked``, ``packed``, then ``reference``). The
 :class:`Collector` receives each tap once, in canonical layout, from the hooks of
 :mod:`tracer.taps`. As soon as both sides of a pair are present it computes the per-token
-metrics (on the tap's device, in float64), and it lets go of a tensor once no later pair or
-step needs it. Full tensors go to an :class:`AsyncTapWriter`, so the forward never waits for
+sums the metrics derive from (on the tap's device), and it lets go of a tensor once no later
+pair or step needs it. Full tensors go to an :class:`AsyncTapWriter`, so the forward never waits for
 the disk: on CUDA a copy thread waits for the kernel that produced a tap (a CUDA event) and
 copies it into a reusable pinned host buffer on its own stream (pageable ``.cpu()`` copies run
 at ~1 GB/s on the H100 machine, pinned ones at ~50 GB/s), and a disk thread writes it.

@@ -10,9 +10,10 @@ Order of work, and the dtype of every step:
    of the run-dtype weights; rotary state rebuilt), and the unpacked computation runs again
    with TF32 off.
 5. ``--local``: back to the run dtype; each layer re-run on the other side's recorded input.
-6. Per-token metrics are computed in float64 as soon as both sides of a pair exist (on the
-   run device), stored as float32; the verdict is decided; meta, metrics and summary are
-   written, and the file is renamed into place.
+6. As soon as both sides of a pair exist, per-token sums are computed on the run device (on
+   exact float32 up-casts); the metrics are finished in float64 on the CPU and stored as
+   float32; the verdict is decided; meta, metrics and summary are written, and the file is
+   renamed into place.
 
 Only one copy of the weights exists at any time. Example::
 
