@@ -33,7 +33,7 @@ import torch
 
 from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
-from tracer.metrics import METRICS, norms, token_metrics
+from tracer.metrics import METRICS, metrics_table, norms, token_metrics
 from tracer.store import Trace, from_numpy, open_trace
 from tracer.tracing import batch_description, default_rule, summary_context
 from tracer.verdict import PAIR, MetricsTable, Point, Rule, Summary, judge
@@ -173,7 +173,7 @@ def recomputed_table(trace: Trace, workers: int | None = None) -> MetricsTable:
     if "reference" in paths:
         pairs[ROUNDED] = ("rounded", "reference")
     stored = [{p: _layout(trace, p, n) for p in paths} for n in names]  # h5py metadata, main thread only
-    grids = {p: np.full((len(names), len(METRICS), trace.n_tokens), np.nan, dtype=np.float32) for p in pairs}
+    rows: dict[str, dict[str, np.ndarray]] = {p: {} for p in pairs}
     reader = _Reader(trace)
     local_state = threading.local()
 
@@ -186,13 +186,13 @@ def recomputed_table(trace: Trace, workers: int | None = None) -> MetricsTable:
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=workers or comparator_workers(), thread_name_prefix="tracer-compare") as pool:
-            for i, rows in pool.map(work, range(len(names))):
-                for pair, m in rows.items():
-                    grids[pair][i] = m
+            for i, by_pair in pool.map(work, range(len(names))):
+                for pair, m in by_pair.items():
+                    rows[pair][names[i]] = m
     finally:
         torch.set_num_threads(threads)
         reader.close()
-    table = {p: {m: g[:, j] for j, m in enumerate(METRICS)} for p, g in grids.items()}
+    table = {p: metrics_table(names, by_tap, trace.n_tokens) for p, by_tap in rows.items()}
     local = stored_table(trace).local if "local" in trace.file else {}
     return MetricsTable(list(names), table, local)
 

@@ -68,10 +68,6 @@ class Faults:
         """Whether the per-layer switches act at ``layer``."""
         return self.layers is None or layer in self.layers
 
-    @property
-    def any(self) -> bool:
-        return self != Faults()
-
     def perturbations_of(self, path: str) -> list[Perturbation]:
         return [p for p in self.perturbations if p.path == path]
 

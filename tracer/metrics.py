@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 METRICS = ("cos_dist", "max_abs", "rel_l2")
@@ -45,10 +46,6 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return token_metrics(a, b)["rel_l2"]
-
-
-SUMS = ("nd", "na", "nb", "db", "mx")
-"""Per-token sums the metrics derive from: |a-b|, |a|, |b|, (a-b).b, max|a-b|."""
 
 
 def token_metrics(a: torch.Tensor, b: torch.Tensor, na=None, nb=None, scratch=None) -> dict[str, torch.Tensor]:
@@ -75,7 +72,8 @@ def _work(*dtypes) -> torch.dtype:
 
 
 def token_sums(a: torch.Tensor, b: torch.Tensor, na=None, nb=None, scratch=None) -> torch.Tensor:
-    """The :data:`SUMS` of ``(..., N, F)`` taps, ``(..., 5, N)`` in the working dtype.
+    """Per-token sums ``|a-b|, |a|, |b|, (a-b).b, max|a-b|`` of ``(..., N, F)`` taps,
+    ``(..., 5, N)`` in the working dtype.
 
     Few, fused kernels (this runs inside the traced forward on the GPU); :func:`from_sums`
     finishes the metrics, on the CPU, for a whole table at once.
@@ -110,6 +108,16 @@ def from_sums(sums: torch.Tensor) -> dict[str, torch.Tensor]:
     bad = ~(torch.isfinite(na) & torch.isfinite(nb) & torch.isfinite(nd))  # NaN/Inf anywhere in the token
     nan = torch.full_like(nd, torch.nan)
     return {"cos_dist": torch.where(bad, nan, cd), "max_abs": torch.where(bad, nan, mx), "rel_l2": torch.where(bad, nan, rel)}
+
+
+def metrics_table(names: list[str], rows: dict[str, np.ndarray], n_tokens: int) -> dict[str, np.ndarray]:
+    """Per-tap ``(3, N)`` metric rows (:data:`METRICS` order) -> ``{metric: (T, N) float32}``
+    over ``names``; taps without a row are NaN."""
+    grid = np.full((len(names), len(METRICS), n_tokens), np.nan, dtype=np.float32)
+    for i, name in enumerate(names):
+        if name in rows:
+            grid[i] = rows[name]
+    return {m: grid[:, j] for j, m in enumerate(METRICS)}
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

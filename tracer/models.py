@@ -375,14 +375,6 @@ def set_precision(model: ESM2, device: torch.device, dtype: torch.dtype) -> None
     reset_rotary_caches(model)
 
 
-def model_dtype(model: ESM2) -> torch.dtype:
-    return model.embed_tokens.weight.dtype
-
-
-def model_device(model: ESM2) -> torch.device:
-    return model.embed_tokens.weight.device
-
-
 @contextlib.contextmanager
 def strict_fp32_matmul():
     """Run float32 matmuls in full float32 (no TF32) and restore the caller's settings after."""

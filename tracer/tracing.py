@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tracer import attention, models
@@ -37,7 +38,7 @@ from tracer.capture import AsyncTapWriter, Collector
 from tracer.env import dtype_name, environment, resolve_device, resolve_dtype, return_freed_memory, tool_version
 from tracer.errors import TracerError
 from tracer.faults import Faults
-from tracer.metrics import METRICS, token_metrics
+from tracer.metrics import METRICS, metrics_table, token_metrics
 from tracer.packed import ROPE_MODES, PackedESM2
 from tracer.paths import Batch, encode, run_packed, run_packed_layer, run_unpacked, run_unpacked_layer
 from tracer.sequences import Sequence
@@ -406,16 +407,14 @@ def _local(model, packed, batch, names, collector, dtype, num_layers) -> dict:
     """Re-run each layer on the other side's recorded input: error born here vs inherited."""
     held_u = collector.held["unpacked"]
     held_r = collector.held.get("reference", {})
-    out: dict[str, dict[str, torch.Tensor]] = {}
+    rows: dict[str, dict[str, np.ndarray]] = {}
     for layer in range(num_layers):
         layer_names = [n for n in names if parse_tap(n)[0] == layer]
         inp = EMBED if layer == 0 else tap_name(layer - 1, "resid_out")
         runs = [("packed-vs-unpacked", "packed", held_u[inp], held_u)]
         if held_r:
-            runs += [
-                ("packed-vs-reference", "packed", held_r[inp].to(dtype), held_r),
-                ("unpacked-vs-reference", "unpacked", held_r[inp].to(dtype), held_r),
-            ]
+            x_ref = held_r[inp].to(dtype)  # the reference's input, in the run dtype
+            runs += [("packed-vs-reference", "packed", x_ref, held_r), ("unpacked-vs-reference", "unpacked", x_ref, held_r)]
         for pair, path, x, against in runs:
             rec: dict[str, torch.Tensor] = {}
             if path == "packed":
@@ -424,15 +423,5 @@ def _local(model, packed, batch, names, collector, dtype, num_layers) -> dict:
                 run_unpacked_layer(model, layer, _to_padded(x, batch), batch, layer_names, rec.__setitem__, packed.faults)
             for n in layer_names:
                 m = token_metrics(rec[n], against[n])
-                out.setdefault(pair, {})[n] = torch.stack([m[k] for k in METRICS]).float().cpu()
-    table = {}
-    n_tok = batch.layout.n_tokens
-    for pair, by_tap in out.items():
-        grid = torch.full((len(names), 3, n_tok), float("nan"))
-        for i, n in enumerate(names):
-            if n in by_tap:
-                grid[i] = by_tap[n]
-        table[pair] = {m: grid[:, j].numpy() for j, m in enumerate(METRICS)}
-    return table
-
-
+                rows.setdefault(pair, {})[n] = torch.stack([m[k] for k in METRICS]).float().cpu().numpy()
+    return {pair: metrics_table(names, by_tap, batch.layout.n_tokens) for pair, by_tap in rows.items()}

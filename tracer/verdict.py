@@ -397,8 +397,8 @@ def _first(mask: np.ndarray) -> tuple[int, int] | None:
     return divmod(flat, mask.shape[1])
 
 
-def _point(table, pair, row, col, bars, noise, layout, ids, path=None, group=None) -> Point:
-    metrics = (group or table.pairs)[pair]
+def _point(table, pair, row, col, bars, noise, layout, ids, path=None) -> Point:
+    metrics = table.pairs[pair]
     name = table.taps[row]
     layer, site = parse_tap(name)
     seq, tok = layout.token(col)
