@@ -94,8 +94,8 @@ class Layout:
         return torch.cat([torch.full((self.lengths[i],), i) for i in self.order])
 
     @cached_property
-    def canonical_from_packed(self) -> torch.Tensor:
-        """Index ``g`` with ``canonical = packed[g]``, ``(N,)`` int64."""
+    def packed_row_of_canonical(self) -> torch.Tensor:
+        """``g[c]`` = the packed row holding canonical row ``c``, so ``canonical = packed[g]``; ``(N,)`` int64."""
         starts = self.cu_seqlens.long()
         slot = {seq: j for j, seq in enumerate(self.order)}
         return torch.cat(
@@ -103,10 +103,10 @@ class Layout:
         )
 
     @cached_property
-    def packed_from_canonical(self) -> torch.Tensor:
-        """Index ``g`` with ``packed = canonical[g]``, the inverse of :attr:`canonical_from_packed`."""
+    def canonical_row_of_packed(self) -> torch.Tensor:
+        """``g[p]`` = the canonical row held by packed row ``p``, so ``packed = canonical[g]``; the inverse of :attr:`packed_row_of_canonical`."""
         inv = torch.empty(self.n_tokens, dtype=torch.long)
-        inv[self.canonical_from_packed] = torch.arange(self.n_tokens)
+        inv[self.packed_row_of_canonical] = torch.arange(self.n_tokens)
         return inv
 
     @property

@@ -265,8 +265,8 @@ def tap_packed(packed, layout: Layout, names: list[str], record: Record, perturb
     the pack order is the input order: the packed path never writes a tapped tensor in place).
     """
     device = next(iter(packed.esm.parameters())).device
-    to_canonical = None if layout.is_identity else layout.canonical_from_packed.to(device)
-    to_packed = layout.packed_from_canonical
+    to_canonical = None if layout.is_identity else layout.packed_row_of_canonical.to(device)
+    packed_row_of_canonical = layout.packed_row_of_canonical
     offsets = layout.offsets
     handles = []
 
@@ -278,7 +278,7 @@ def tap_packed(packed, layout: Layout, names: list[str], record: Record, perturb
         return hook
 
     def perturber(p):
-        row = int(to_packed[int(offsets[p.sequence]) + p.token])
+        row = int(packed_row_of_canonical[int(offsets[p.sequence]) + p.token])
 
         def hook(module, inputs, output):
             out = output.clone()

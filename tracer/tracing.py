@@ -400,7 +400,7 @@ def _to_padded(x: torch.Tensor, batch: Batch) -> torch.Tensor:
 def _to_packed(x: torch.Tensor, batch: Batch) -> torch.Tensor:
     if batch.layout.is_identity:
         return x
-    return x.index_select(0, batch.layout.packed_from_canonical.to(x.device))
+    return x.index_select(0, batch.layout.canonical_row_of_packed.to(x.device))
 
 
 def _local(model, packed, batch, names, collector, dtype, num_layers) -> dict:

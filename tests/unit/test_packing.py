@@ -59,9 +59,9 @@ def test_pack_unpack_round_trip(lay, width):
     packed = pack(per_seq, lay)
     canonical = torch.cat(per_seq)
     # the index maps agree with explicit packing
-    assert torch.equal(packed, canonical[lay.packed_from_canonical])
-    assert torch.equal(canonical, packed[lay.canonical_from_packed])
-    back = unpack(packed[lay.canonical_from_packed], lay)
+    assert torch.equal(packed, canonical[lay.canonical_row_of_packed])
+    assert torch.equal(canonical, packed[lay.packed_row_of_canonical])
+    back = unpack(packed[lay.packed_row_of_canonical], lay)
     assert all(torch.equal(a, b) for a, b in zip(back, per_seq))
 
 
