@@ -21,15 +21,8 @@ import numpy as np
 import torch
 
 from tracer.metrics import from_sums, round_to, token_sums
-from tracer.verdict import PAIR, ROUNDED, VS_REF
-
-PAIRS = {
-    PAIR: ("packed", "unpacked"),
-    VS_REF["unpacked"]: ("unpacked", "reference"),
-    VS_REF["packed"]: ("packed", "reference"),
-}
-"""The compared pairs, ``(a, b)``: metrics of ``a`` against the baseline ``b``. Besides these,
-:data:`ROUNDED` compares the reference rounded to the run dtype with itself (the floor)."""
+from tracer.report import PAIRS
+from tracer.verdict import ROUNDED
 
 
 class AsyncTapWriter:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tracer.capture import PAIRS, ROUNDED
 from tracer.cli import Parser, add_rule_options, global_threshold, main_guard, rule_from_args
 import torch
 
@@ -35,8 +34,8 @@ from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
 from tracer.metrics import METRICS, metrics_table, norms, token_metrics
 from tracer.store import Trace, from_numpy, open_trace
-from tracer.tracing import batch_description, default_rule, summary_context
-from tracer.verdict import PAIR, MetricsTable, Point, Rule, Summary, judge
+from tracer.report import PAIRS, batch_description, default_rule, summary_context
+from tracer.verdict import PAIR, ROUNDED, MetricsTable, Point, Rule, Summary, judge
 from tracer.taps import parse_tap
 
 
@@ -208,14 +207,8 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
         raise TracerError(f"{trace.path} has no reference path, so the noise rule cannot apply; use --rule plain")
     ids = [s.id for s in trace.sequences]
     seqs = trace.sequences
-    batch = batch_description_from(seqs, meta.get("pack_order", "given"))
+    batch = batch_description(seqs, meta.get("pack_order", "given"))
     return judge(table, trace.layout, ids, rule, summary_context(meta, batch), trace=str(trace.path))
-
-
-def batch_description_from(seqs, pack_order: str) -> str:
-    from tracer.sequences import Sequence
-
-    return batch_description([Sequence(s.id, s.residues, s.length) for s in seqs], pack_order)
 
 
 def check_comparable(a: Trace, b: Trace) -> list[str]:
