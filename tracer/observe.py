@@ -1,0 +1,546 @@
+"""Capture taps from a forward the tool did not write (a user's plug-in), without editing it.
+
+Three sources, all passive (each records ``x.detach()`` and returns nothing that changes the
+forward):
+
+1. **Module hooks** on the fair-esm submodules the implementation calls, keyed by module
+   identity, so the layer of a tap is the layer whose module was called (never call order):
+
+   ==========================================  ========  ==========================================
+   module                                      hook      tap
+   ==========================================  ========  ==========================================
+   ``layers[i].self_attn_layer_norm``          input     ``embed`` (i = 0) or ``layers.{i-1}.resid_out``
+   ``layers[i].final_layer_norm``              input     ``layers.{i}.resid_mid``
+   ``emb_layer_norm_after``                    input     ``layers.{L-1}.resid_out``
+   ``emb_layer_norm_after``                    output    ``final_norm``
+   ``layers[i].self_attn.out_proj``            input     ``layers.{i}.ctx`` (viewed ``(N, H, d)``)
+   ``layers[i].self_attn.out_proj``            output    ``layers.{i}.attn_out``
+   ``layers[i].fc2``                           output    ``layers.{i}.ffn_out``
+   ``layers[i].self_attn.v_proj``              output    ``layers.{i}.v`` (when no attention call is seen)
+   ``layers[i].self_attn.rot_emb``             output    ``q_rope``/``k_rope`` (padded paths calling
+                                                         fair-esm's own attention module)
+   ``layers[i].self_attn.{q,k,v}_proj``        input     marks layer ``i`` as the current attention layer
+   ==========================================  ========  ==========================================
+
+2. **The attention call**: ``flash_attn_varlen_func``, ``torch.nn.attention.varlen.varlen_attn``
+   and ``torch.nn.functional.scaled_dot_product_attention`` are replaced, for the duration of
+   the path, by wrappers that record q, k, v as the kernel consumes them and call the original
+   with the very same arguments. The replacement is made in every loaded module that holds the
+   function, so a module that did ``from flash_attn import flash_attn_varlen_func`` is covered.
+   The softmax scale the kernel applies (its argument, or its default ``head_dim ** -0.5``) is
+   recorded and ``q_rope`` is stored in fair-esm's convention, ``q * scale``, so it compares
+   with the unpacked path. Layouts: ``(N, H, d)`` (varlen kernels), ``(1, H, N, d)`` and
+   ``(H, N, d)`` (SDPA over the packed stream), ``(B, H, T, d)`` (SDPA over a padded batch).
+   Calls that cover part of the tokens (a loop over sequences) are concatenated in call order.
+
+3. **The one-line helper** :func:`tap` for values computed functionally or by a kernel the
+   tool cannot see: ``tracer.tap("q_rope", i, q, scale=s)``. It returns its tensor and costs one
+   attribute read when no trace is active.
+
+Whatever could not be captured is reported by name with the line that would capture it
+(:func:`missing_advice`). A tap seen from more than one source keeps the helper's value
+(decided once, on a probe run: :meth:`Observer.choose`).
+Example::
+
+    probe = Observer(model, probe_geometry, names, record=None)   # which source gives which tap
+    with probe:
+        user_forward(probe_tokens, probe_cu_seqlens, probe_max_seqlen)
+    obs = Observer(model, geometry, names, record, sources=probe.choose())
+    with obs:
+        out = user_forward(tokens, cu_seqlens, max_seqlen)
+    obs.finish()            # raises TracerError for a tap with a partial token count
+    obs.captured            # tap names delivered to ``record``
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from tracer.errors import TracerError
+from tracer.taps import EMBED, FINAL, HEAD_SITES, SITES, parse_tap, tap_name
+
+_state = threading.local()
+
+
+def tap(site: str, layer: int | None, tensor: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """Record ``tensor`` as tap ``site`` of ``layer`` when a trace is active; return it unchanged.
+
+    Args:
+        site: ``embed``, ``final_norm`` or a per-layer site (``q_rope``, ``k_rope``, ``v``,
+            ``ctx``, ``attn_out``, ``resid_mid``, ``ffn_out``, ``resid_out``); a full tap name
+            (``layers.3.q_rope``) with ``layer=None`` works too.
+        layer: layer index, ``None`` for ``embed``/``final_norm``.
+        tensor: the value in the path's own layout (packed ``(N, E)`` / ``(N, H, d)``, or padded).
+        scale: for ``q_rope`` when q is not yet scaled: the softmax scale the kernel applies
+            (the tap stores ``q * scale``, fair-esm's convention).
+    """
+    obs = getattr(_state, "observer", None)
+    if obs is not None:
+        obs.explicit(site, layer, tensor, scale)
+    return tensor
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a path's token rows live, and how to bring them to canonical order.
+
+    Attributes:
+        kind: ``packed`` (rows ``(N, ...)`` in pack order) or ``padded`` (``(B, T, ...)``).
+        n_tokens: N.
+        batch, padded_len: B and T of a padded path.
+        embed_dim, heads: E and H.
+        to_canonical: packed: ``packed_row_of_canonical`` ``(N,)``; padded: flat ``b * T + t``
+            index of every canonical token ``(N,)``; ``None`` = identity.
+    """
+
+    kind: str
+    n_tokens: int
+    embed_dim: int
+    heads: int
+    to_canonical: torch.Tensor | None
+    batch: int = 0
+    padded_len: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.heads
+
+    def expected(self, name: str) -> tuple[int, ...]:
+        _, site = parse_tap(name)
+        tail = (self.heads, self.head_dim) if site in HEAD_SITES else (self.embed_dim,)
+        return (self.n_tokens, *tail)
+
+
+@dataclass
+class _Pieces:
+    rows: int = 0
+    parts: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which fair-esm module gives which tap.
+
+
+def module_roles(model) -> dict[int, tuple[object, list[tuple[str, str, int]]]]:
+    """``{id(module): (module, [(hook, role, layer)])}`` for the table in the module docstring."""
+    roles: dict[int, tuple[object, list]] = {}
+
+    def add(module, hook, role, layer):
+        roles.setdefault(id(module), (module, []))[1].append((hook, role, layer))
+
+    last = len(model.layers) - 1
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        add(layer.self_attn_layer_norm, "pre", EMBED if i == 0 else "resid_out", i - 1)
+        add(layer.final_layer_norm, "pre", "resid_mid", i)
+        add(attn.out_proj, "pre", "ctx", i)
+        add(attn.out_proj, "post", "attn_out", i)
+        add(layer.fc2, "post", "ffn_out", i)
+        add(attn.v_proj, "post", "v", i)  # as projected: used when the attention call is not seen
+        add(attn.rot_emb, "post", "rot_emb", i)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            add(proj, "pre", "layer_mark", i)
+    add(model.emb_layer_norm_after, "pre", "resid_out", last)
+    add(model.emb_layer_norm_after, "post", FINAL, -1)
+    return roles
+
+
+def _name(role: str, layer: int) -> str:
+    return role if role in (EMBED, FINAL) else tap_name(layer, role)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention functions that are intercepted.
+
+
+def _attention_targets() -> list[tuple[str, object, str, str]]:
+    """``(label, original, q/k/v arg names joined, scale arg)`` for every importable kernel."""
+    targets = []
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        try:
+            import flash_attn
+
+            targets.append(("flash_attn_varlen_func", flash_attn.flash_attn_varlen_func, "varlen", "softmax_scale"))
+        except Exception:  # installed without a working CUDA build: nothing to intercept
+            pass
+    try:
+        from torch.nn.attention import varlen
+
+        targets.append(("varlen_attn", varlen.varlen_attn, "varlen", "scale"))
+    except ImportError:
+        pass
+    targets.append(("scaled_dot_product_attention", torch.nn.functional.scaled_dot_product_attention, "sdpa", "scale"))
+    return targets
+
+
+def _bind(fn, args, kwargs) -> dict:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: SDPA's documented one
+        sig = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None)
+    bound = sig.bind(*args, **kwargs)
+    names = list(sig.parameters)
+    out = dict(bound.arguments)
+    # first three positional parameters are q, k, v whatever they are called
+    for role, pname in zip(("q", "k", "v"), names[:3]):
+        out[role] = bound.arguments.get(pname)
+    return out
+
+
+class _Patch:
+    """Replace ``original`` by ``wrapper`` in every loaded module's namespace; undo in :meth:`undo`."""
+
+    def __init__(self):
+        self.done: list[tuple[dict, str, object]] = []
+
+    def apply(self, replacements: dict[int, object], extra_namespaces=()) -> None:
+        spaces = []
+        for module in list(sys.modules.values()):
+            d = getattr(module, "__dict__", None)
+            if isinstance(d, dict):
+                spaces.append(d)
+        spaces += [d for d in extra_namespaces if isinstance(d, dict)]
+        seen = set()
+        for d in spaces:
+            if id(d) in seen:
+                continue
+            seen.add(id(d))
+            for key, value in list(d.items()):
+                wrapper = replacements.get(id(value))
+                if wrapper is not None:
+                    self.done.append((d, key, value))
+                    d[key] = wrapper
+
+    def undo(self) -> None:
+        while self.done:
+            d, key, value = self.done.pop()
+            d[key] = value
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Observer:
+    """Captures taps of one opaque forward (see module docstring) and hands them to ``record``.
+
+    Args:
+        model: the fair-esm ``ESM2`` whose submodules the forward calls.
+        geometry: where the path's rows live (:class:`Geometry`).
+        names: tap names wanted.
+        record: ``record(name, canonical_tensor)``, called once per tap when all its rows are in.
+        sources: ``{name: source}``: the one source accepted per tap and delivered to ``record``
+            (:meth:`choose` of a probe run); ``None`` = probe mode: nothing is delivered, every
+            complete source is noted in :attr:`seen`.
+        namespaces: extra global namespaces to patch (a plug-in loaded from a file).
+    """
+
+    def __init__(self, model, geometry: Geometry, names, record, sources: dict[str, str] | None = None, namespaces=()):
+        self.model = model
+        self.geo = geometry
+        self.wanted = set(names)
+        self.record = record
+        self.sources = sources
+        self.namespaces = namespaces
+        self.pieces: dict[tuple[str, str], _Pieces] = defaultdict(_Pieces)
+        self.delivered: dict[str, str] = {}  # name -> source
+        self.seen: dict[str, set[str]] = defaultdict(set)  # name -> every source that gave all its rows
+        self.current_layer: int | None = None
+        self.unattributed_attention = 0
+        self.attention_calls = 0
+        self.scales: dict[int, float] = {}
+        self._handles = []
+        self._patch = _Patch()
+        self._thread = None
+
+    # -- context ------------------------------------------------------------------------------
+    def __enter__(self) -> "Observer":
+        if getattr(_state, "observer", None) is not None:
+            raise RuntimeError("an Observer is already active in this thread")
+        self._thread = threading.get_ident()
+        _state.observer = self
+        try:
+            self._install_hooks()
+            self._install_attention()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._patch.undo()
+        if getattr(_state, "observer", None) is self:
+            _state.observer = None
+
+    def _mine(self) -> bool:
+        return getattr(_state, "observer", None) is self
+
+    def _install_hooks(self) -> None:
+        for module, roles in module_roles(self.model).values():
+            pre = [r for r in roles if r[0] == "pre"]
+            post = [r for r in roles if r[0] == "post"]
+            if pre:
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(pre)))
+            if post:
+                self._handles.append(module.register_forward_hook(self._post_hook(post)))
+
+    def _pre_hook(self, roles):
+        def hook(module, args):
+            if not self._mine():
+                return None
+            for _, role, layer in roles:
+                if role == "layer_mark":
+                    self.current_layer = layer
+                elif args and isinstance(args[0], torch.Tensor):
+                    self._offer(_name(role, layer), "module", args[0])
+            return None
+
+        return hook
+
+    def _post_hook(self, roles):
+        def hook(module, args, output):
+            if not self._mine():
+                return None
+            for _, role, layer in roles:
+                if role == "rot_emb":  # fair-esm's own attention: (B*H, T, d) q, k, already scaled
+                    if self.geo.kind == "padded" and isinstance(output, tuple) and len(output) == 2:
+                        for site, x in zip(("q_rope", "k_rope"), output):
+                            self._offer(tap_name(layer, site), "module", self._bhtd(x))
+                elif isinstance(output, torch.Tensor):
+                    self._offer(_name(role, layer), "module", output)
+            return None
+
+        return hook
+
+    def _bhtd(self, x: torch.Tensor) -> torch.Tensor:
+        bh, t, d = x.shape  # (B*H, T, d)
+        return x.view(bh // self.geo.heads, self.geo.heads, t, d).transpose(1, 2)  # (B, T, H, d)
+
+    def _install_attention(self) -> None:
+        replacements = {}
+        for label, original, kind, scale_arg in _attention_targets():
+            replacements[id(original)] = self._wrap(label, original, kind, scale_arg)
+        self._patch.apply(replacements, self.namespaces)
+
+    def _wrap(self, label, original, kind, scale_arg):
+        observer = self
+
+        def wrapper(*args, **kwargs):
+            if observer._mine():
+                observer._attention(original, kind, scale_arg, args, kwargs)
+            return original(*args, **kwargs)
+
+        wrapper.__wrapped__ = original
+        wrapper.__name__ = getattr(original, "__name__", label)
+        wrapper.__doc__ = getattr(original, "__doc__", None)
+        return wrapper
+
+    # -- attention ------------------------------------------------------------------------------
+    def _attention(self, original, kind, scale_arg, args, kwargs) -> None:
+        self.attention_calls += 1
+        try:
+            a = _bind(original, args, kwargs)
+        except TypeError:
+            return  # the kernel will raise its own error for these arguments
+        q, k, v = a.get("q"), a.get("k"), a.get("v")
+        if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
+            return
+        layer = self.current_layer
+        if layer is None:
+            self.unattributed_attention += 1
+            return
+        scale = a.get(scale_arg)
+        d = q.shape[-1]
+        scale = d**-0.5 if scale is None else float(scale)
+        self.scales[layer] = scale
+        if kind == "sdpa":
+            q, k, v = (self._from_sdpa(x) for x in (q, k, v))
+        self._offer(tap_name(layer, "q_rope"), "attention", _scaled(q, scale))
+        self._offer(tap_name(layer, "k_rope"), "attention", k)
+        self._offer(tap_name(layer, "v"), "attention", v)
+
+    def _from_sdpa(self, x: torch.Tensor) -> torch.Tensor:
+        """SDPA's ``(..., H, L, d)`` -> the path's token-major layout."""
+        if x.dim() == 4:
+            if self.geo.kind == "padded" or x.shape[0] != 1:
+                return x.transpose(1, 2)  # (B, T, H, d)
+            return x[0].transpose(0, 1)  # (1, H, N, d) -> (N, H, d)
+        if x.dim() == 3:
+            return x.transpose(0, 1)  # (H, N, d) -> (N, H, d)
+        return x  # unexpected: the shape check names it
+
+    # -- the helper -----------------------------------------------------------------------------
+    def explicit(self, site: str, layer: int | None, tensor: torch.Tensor, scale: float | None) -> None:
+        if layer is None:
+            name = site
+            parse_tap(name)  # TracerError for a bad name
+        else:
+            if site not in SITES:
+                raise TracerError(f"tracer.tap({site!r}, {layer}, ...): site must be one of {', '.join(SITES)}")
+            if not 0 <= int(layer) < len(self.model.layers):
+                raise TracerError(f"tracer.tap({site!r}, {layer}, ...): the model has layers 0..{len(self.model.layers) - 1}")
+            name = tap_name(int(layer), site)
+        if scale is not None:
+            tensor = _scaled(tensor, float(scale))
+        self._offer(name, "helper", tensor)
+
+    # -- delivery -------------------------------------------------------------------------------
+    def _offer(self, name: str, source: str, x: torch.Tensor) -> None:
+        if name not in self.wanted or name in self.delivered:
+            return
+        if self.sources is not None and self.sources.get(name) != source:
+            return
+        x = self._token_major(name, x.detach())
+        p = self.pieces[(name, source)]
+        p.parts.append(x)
+        p.rows += x.shape[0]
+        n = self.geo.n_tokens
+        if p.rows > n:
+            raise TracerError(
+                f"tap {name} ({source}): received {p.rows} token rows over several calls, the batch has {n}; "
+                "is a module called twice per layer?"
+            )
+        if p.rows == n:
+            full = p.parts[0] if len(p.parts) == 1 else torch.cat(p.parts)
+            del self.pieces[(name, source)]
+            self.seen[name].add(source)
+            if self.sources is not None:
+                self.delivered[name] = source
+                self.record(name, self._canonical(full))
+
+    def _token_major(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Bring one captured piece to ``(rows, E)`` / ``(rows, H, d)`` (packed) or canonical (padded)."""
+        layer, site = parse_tap(name)
+        g = self.geo
+        head = site in HEAD_SITES
+        tail = (g.heads, g.head_dim) if head else (g.embed_dim,)
+        got = tuple(x.shape)
+        if g.kind == "padded":
+            x = self._padded_rows(name, x, tail, got)
+        else:
+            if x.dim() == len(tail) + 2 and x.shape[0] == 1:
+                x = x[0]  # (1, N, ...) -> (N, ...)
+            if head and x.dim() == 2 and x.shape[-1] == g.embed_dim:
+                x = x.view(x.shape[0], g.heads, g.head_dim)  # (N, E) -> (N, H, d)
+            if tuple(x.shape[1:]) != tail:
+                raise _layout_error(name, layer, g.expected(name), got)
+        return x
+
+    def _padded_rows(self, name, x, tail, got):
+        g = self.geo
+        b, t = g.batch, g.padded_len
+        head = len(tail) == 2
+        if head and x.dim() == 3 and x.shape[-1] == g.embed_dim:
+            x = x.view(*x.shape[:2], g.heads, g.head_dim)
+        if x.dim() != len(tail) + 2 or tuple(x.shape[2:]) != tail:
+            raise _layout_error(name, parse_tap(name)[0], (b, t, *tail), got)
+        lead = tuple(x.shape[:2])
+        if lead == (b, t):
+            flat = x.reshape(b * t, *tail)  # batch-first
+            return flat.index_select(0, g.to_canonical.to(x.device))
+        if lead == (t, b):
+            flat = x.transpose(0, 1).reshape(b * t, *tail)  # fair-esm's (T, B, ...)
+            return flat.index_select(0, g.to_canonical.to(x.device))
+        raise _layout_error(name, parse_tap(name)[0], (b, t, *tail), got)
+
+    def canonical(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One whole tensor of tap ``name`` in the path's layout -> canonical rows (shape-checked)."""
+        return self._canonical(self._token_major(name, x))
+
+    def _canonical(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.geo
+        if g.kind == "padded" or g.to_canonical is None:
+            return x
+        return x.index_select(0, g.to_canonical.to(x.device))
+
+    # -- end of the forward -----------------------------------------------------------------------
+    def finish(self) -> None:
+        """Deliver held values; fail on a tap whose calls covered only part of the tokens."""
+        for (name, source), p in list(self.pieces.items()):
+            if name in self.delivered:
+                continue
+            layer, _ = parse_tap(name)
+            raise TracerError(
+                f"tap {name} ({source}): the calls covered {p.rows} of {self.geo.n_tokens} token rows "
+                f"(shapes {[tuple(x.shape) for x in p.parts][:3]}); every token must pass through it once"
+            )
+
+    @property
+    def captured(self) -> set[str]:
+        return set(self.delivered)
+
+    def choose(self) -> dict[str, str]:
+        """After a probe: the source to use per tap (the helper wins, then the attention call)."""
+        rank = {"helper": 0, "attention": 1, "module": 2}
+        return {name: min(srcs, key=rank.__getitem__) for name, srcs in self.seen.items() if srcs}
+
+
+def _scaled(q: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q * scale`` with one rounding to q's dtype (exact for the power-of-two scales of ESM-2)."""
+    if scale == 1.0:
+        return q
+    wide = torch.promote_types(q.dtype, torch.float32)
+    return (q.to(wide) * scale).to(q.dtype)
+
+
+def _layout_error(name: str, layer, expected, got) -> TracerError:
+    where = f"layer {layer}" if layer is not None else "model level"
+    return TracerError(
+        f"tap {name} ({where}): expected shape {tuple(expected)}, received {tuple(got)}; "
+        "the plug-in's tensor cannot be matched to the other path's tap"
+    )
+
+
+_ADVICE = {
+    "q_rope": 'tracer.tap("q_rope", i, q, scale=softmax_scale)   # before your attention kernel call',
+    "k_rope": 'tracer.tap("k_rope", i, k)                         # before your attention kernel call',
+    "v": 'tracer.tap("v", i, v)                                   # before your attention kernel call',
+    "ctx": 'tracer.tap("ctx", i, ctx)                             # attention output, before out_proj',
+    "attn_out": 'tracer.tap("attn_out", i, a)                     # out_proj output',
+    "resid_mid": 'tracer.tap("resid_mid", i, x)                   # residual stream after the attention add',
+    "ffn_out": 'tracer.tap("ffn_out", i, y)                       # fc2 output',
+    "resid_out": 'tracer.tap("resid_out", i, x)                   # layer output',
+    EMBED: 'tracer.tap("embed", None, x)                          # input of layer 0',
+    FINAL: 'tracer.tap("final_norm", None, x)                     # after emb_layer_norm_after',
+}
+
+
+def missing_advice(missing: list[str]) -> list[str]:
+    """One line per missing site: which taps, and the line of code that would capture them."""
+    by_site: dict[str, list[int | None]] = defaultdict(list)
+    for name in missing:
+        layer, site = parse_tap(name)
+        by_site[site].append(layer)
+    lines = []
+    for site in [EMBED, *SITES, FINAL]:
+        if site not in by_site:
+            continue
+        layers = [x for x in by_site[site] if x is not None]
+        which = site if not layers else f"layers.{_ranges(layers)}.{site}"
+        lines.append(f"not captured: {which}; add {' '.join(_ADVICE[site].split())}")
+    return lines
+
+
+def _ranges(values: list[int]) -> str:
+    values = sorted(set(values))
+    if len(values) == 1:
+        return str(values[0])
+    out, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return "{" + ",".join(out) + "}"
