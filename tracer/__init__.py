@@ -9,11 +9,16 @@ Read API::
     large = t.tap("unpacked", "layers.35.resid_out", rows=t.token_slice("large"))
     summary = tracer.summarize(t)                   # re-judge from the tensors
 
+In your own packed forward, for a value the tool cannot see (costs nothing when not tracing)::
+
+    q = tracer.tap("q_rope", i, q, scale=softmax_scale)
+
 Command line: ``python -m tracer.run``, ``tracer.compare``, ``tracer.plot``, ``tracer.bundle``,
 ``tracer.bench``.
 """
 
 from tracer.errors import TracerError
+from tracer.observe import tap
 from tracer.store import Trace, open_trace
 
 __version__ = "0.1.0"
@@ -26,4 +31,4 @@ def summarize(trace, rule=None, recompute=True):
     return _summarize(trace, rule, recompute)
 
 
-__all__ = ["TracerError", "Trace", "open_trace", "summarize", "__version__"]
+__all__ = ["TracerError", "Trace", "open_trace", "summarize", "tap", "__version__"]

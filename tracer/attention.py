@@ -101,6 +101,9 @@ def has_torch_varlen() -> bool:
 
 BACKENDS = ("auto", "flash-attn", "torch-varlen", "math")
 
+PLUGIN = Backend("plug-in", attend=None, deterministic=False)
+"""Recorded when the packed side is a user's forward: its attention kernel is its own."""
+
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend ``name`` for ``device``/``dtype``, or a :class:`TracerError` saying why not."""

@@ -5,6 +5,7 @@ Example::
     python -m tracer.run --seq-len 400                       # the debug-log batch, 3B, bf16
     python -m tracer.run --seq-len 400 --model esm2_t6_8M_UR50D --weights random --device cpu
     python -m tracer.run --fasta my.fasta --json --plot
+    python -m tracer.run --packed examples/packed_esm2_adapter.py:make_forward   # your own packed forward
 """
 
 from __future__ import annotations
@@ -63,11 +64,24 @@ def build_parser() -> Parser:
     m.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
     m.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
 
+    w = p.add_argument_group("the two paths (default: tracer's own packed forward vs fair-esm's padded forward)")
+    w.add_argument(
+        "--packed", default="builtin", metavar="SPEC",
+        help="packed side: builtin, package.module:factory or path/to/file.py:factory, where "
+        "factory(model, alphabet) returns forward(tokens (N,), cu_seqlens (B+1,) int32, max_seqlen) -> (N, E) "
+        "(the representation after emb_layer_norm_after); taps are captured from the fair-esm modules and "
+        "the attention kernel it calls (README: 'Tracing your own packed forward')",
+    )
+    w.add_argument(
+        "--unpacked", default="fair-esm", metavar="SPEC",
+        help="unpacked side: fair-esm (ESM2.forward, default) or a factory SPEC returning forward(tokens (B, T)) -> (B, T, E)",
+    )
+
     n = p.add_argument_group("numerics")
     n.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA if available)")
     n.add_argument("--dtype", choices=[d for d in DTYPES if d != "float64"], default="bfloat16", help="dtype of both paths (default bfloat16)")
-    n.add_argument("--attn", choices=BACKENDS, default="auto", help="packed attention: flash-attn package, PyTorch's varlen FlashAttention, or exact math (default auto: best available)")
-    n.add_argument("--packed-rope", choices=ROPE_MODES, default="fp32", help="RoPE of the packed path: fp32, or 'model' = exactly fair-esm's rotary module in the model dtype (default fp32)")
+    n.add_argument("--attn", choices=BACKENDS, default="auto", help="attention of the builtin packed path: flash-attn package, PyTorch's varlen FlashAttention, or exact math (default auto: best available)")
+    n.add_argument("--packed-rope", choices=ROPE_MODES, default="fp32", help="RoPE of the builtin packed path: fp32, or 'model' = exactly fair-esm's rotary module in the model dtype (default fp32)")
     n.add_argument("--reference", choices=REFERENCES, default="auto", help="high-precision reference path (default auto: fp32 for 16-bit runs, none for float32)")
 
     t = p.add_argument_group("what to record")
@@ -128,6 +142,8 @@ def main(argv=None) -> int:
         faults=parse_faults(args.fault, [s.id for s in sequences]),
         rule=rule_from_args(args, dtype, has_ref),
         command=tuple(["python", "-m", "tracer.run", *(sys.argv[1:] if argv is None else argv)]),
+        packed=args.packed,
+        unpacked=args.unpacked,
     )
     result = trace(config, sequences, quiet=args.quiet)
     if args.plot:

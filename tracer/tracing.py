@@ -40,11 +40,17 @@ from tracer.errors import TracerError
 from tracer.faults import Faults
 from tracer.metrics import METRICS, metrics_table, token_metrics
 from tracer.packed import ROPE_MODES, PackedESM2
-from tracer.paths import Batch, encode, run_packed, run_packed_layer, run_unpacked, run_unpacked_layer
+from tracer.observe import missing_advice
+from tracer.paths import (
+    Batch, BuiltinPackedPath, FairEsmPath, PluginPath, TracedPath, encode, run_packed_layer, run_unpacked_layer,
+)
+from tracer.plugin import BUILTIN
+from tracer.plugin import load as load_plugin
+from tracer.report import batch_description, default_rule, summary_context
 from tracer.sequences import Sequence
 from tracer.store import TraceWriter
 from tracer.taps import EMBED, parse_tap, select_taps, tap_name
-from tracer.verdict import PLAIN_MAX_REL_L2, MetricsTable, Rule, Summary, judge
+from tracer.verdict import MetricsTable, Rule, Summary, judge
 
 REFERENCES = ("auto", "fp32", "fp64", "none")
 _REF_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -74,6 +80,9 @@ class RunConfig:
         faults: planted bugs (validation of the tool).
         rule: verdict rule; ``None`` = noise rule with a reference, plain rule without.
         command: the command line, recorded in the trace.
+        packed: the packed side: ``builtin``, ``package.module:factory``, ``file.py:factory`` or
+            a factory callable (:mod:`tracer.plugin`).
+        unpacked: the unpacked side: ``fair-esm`` (its own ``ESM2.forward``) or a plug-in SPEC.
     """
 
     model: str | None = None
@@ -96,23 +105,21 @@ class RunConfig:
     faults: Faults = field(default_factory=Faults)
     rule: Rule | None = None
     command: tuple[str, ...] = ()
+    packed: object = BUILTIN["packed"]
+    unpacked: object = BUILTIN["unpacked"]
 
 
 @dataclass
 class Result:
-    """What a run produced: the trace path, the verdict and the timings (seconds)."""
+    """What a run produced: the trace path, the verdict, the timings (seconds), and notes for the
+    user (taps a plug-in did not expose, with the line that would capture them)."""
 
     path: Path
     summary: Summary
     timings: dict
     bytes_written: int
     write_stats: dict = field(default_factory=dict)
-
-
-def default_rule(dtype: str, has_reference: bool) -> Rule:
-    if has_reference:
-        return Rule(kind="noise", max_rel_l2=PLAIN_MAX_REL_L2[dtype])
-    return Rule(kind="plain", max_rel_l2=PLAIN_MAX_REL_L2[dtype])
+    notes: list[str] = field(default_factory=list)
 
 
 def reference_dtype(reference: str, dtype: torch.dtype) -> torch.dtype | None:
@@ -237,16 +244,26 @@ def run_meta(config: RunConfig, arch, weights, dtype, ref_dtype, backend, names:
     }
 
 
-def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loaded=None) -> Result:
-    """Run, compare and write one trace (see module docstring).
+@dataclass
+class _Plan:
+    """What :func:`_prepare` settled before any forward runs."""
 
-    ``loaded`` may be ``(model, arch, weights)`` from :func:`tracer.models.load_model`, to reuse a
-    model across runs (its precision and device are set by the run).
-    """
-    say = _Say(quiet)
-    timings: dict[str, float] = {}
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first use)
-    return_freed_memory()
+    model: object
+    arch: object
+    weights: object
+    device: torch.device
+    dtype: torch.dtype
+    ref_dtype: torch.dtype | None
+    backend: attention.Backend
+    batch: Batch
+    names: list[str]
+    rule: Rule
+    out: Path
+    plugins: dict
+
+
+def _prepare(config: RunConfig, sequences: list[Sequence], say, loaded, timings: dict) -> _Plan:
+    """Check every option (before the model load where possible), load, encode, choose taps."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype)
     if dtype == torch.float64:
@@ -254,7 +271,9 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
     if config.packed_rope not in ROPE_MODES:
         raise TracerError(f"unknown --packed-rope {config.packed_rope!r}; choose one of {', '.join(ROPE_MODES)}")
     ref_dtype = reference_dtype(config.reference, dtype)
-    backend = attention.resolve(config.attn, device, dtype)  # before loading: fail fast
+    plugins = {side: load_plugin(getattr(config, side), side) for side in ("packed", "unpacked")}  # fail fast
+    _check_plugin_options(config, plugins)
+    backend = attention.resolve(config.attn, device, dtype) if plugins["packed"] is None else attention.PLUGIN
     if config.local and ref_dtype is None:
         say("--local without a reference splits packed-vs-unpacked error only")
     if config.out and Path(config.out).exists() and not config.force:  # before a long model load
@@ -270,50 +289,128 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
         raise TracerError("--local re-runs each layer on its recorded input: it needs all layers and the embed and resid_out taps")
     batch = encode(sequences, model.alphabet, config.pack_order)
     _validate_faults(config.faults, batch, arch.num_layers)
-    paths = ["unpacked", "packed"] + (["reference"] if ref_dtype is not None else [])
     rule = config.rule or default_rule(dtype_name(dtype), ref_dtype is not None)
     if rule.kind == "noise" and ref_dtype is None:
         raise TracerError("the noise-aware rule needs a reference; use --reference fp32/fp64 or --rule plain")
     out = Path(config.out) if config.out else default_out(arch.name, dtype_name(dtype), sequences)
+    return _Plan(model, arch, weights, device, dtype, ref_dtype, backend, batch, names, rule, out, plugins)
 
-    meta = run_meta(config, arch, weights, dtype, ref_dtype, backend, names, device)
-    say(
-        f"{arch.name} {dtype_name(dtype)} on {meta['environment']['device_name']} ({device}); attention {backend.name}; "
-        f"reference {meta['reference_dtype'] or 'none'}; {len(names)} taps x {batch.layout.n_tokens} tokens"
-    )
 
-    with TraceWriter(out, force=config.force, compression=config.compression) as writer, _deterministic(), torch.inference_mode():
+def _check_plugin_options(config: RunConfig, plugins: dict) -> None:
+    """Options that act on the built-in paths only."""
+    f = config.faults
+    switches = [k for k, v in f.to_dict().items() if v is True]
+    if plugins["packed"] is not None:
+        if switches:
+            raise TracerError(f"--fault {switches[0].replace('_', '-')} is a switch of the built-in packed path; it does not apply to --packed {plugins['packed'].label}")
+        if f.perturbations_of("packed"):
+            raise TracerError("perturbations of the packed side need the built-in packed path (perturb the unpacked side, or edit your plug-in)")
+    if plugins["unpacked"] is not None and f.perturbations_of("unpacked"):
+        raise TracerError("perturbations of the unpacked side need fair-esm's own forward (--unpacked fair-esm)")
+    if config.local and (plugins["packed"] is not None or plugins["unpacked"] is not None):
+        raise TracerError("--local re-runs single layers of the built-in paths; it does not apply to a plug-in")
+
+
+def _build_paths(config: RunConfig, plan: _Plan) -> tuple[TracedPath, TracedPath, PackedESM2 | None]:
+    """The two compared paths (built-in or plug-in), on the model in the run dtype."""
+    model = plan.model
+    packed_builtin = None
+    if plan.plugins["packed"] is None:
+        packed_builtin = PackedESM2(model, plan.backend, rope=config.packed_rope, faults=config.faults)
+        packed = BuiltinPackedPath(packed_builtin)
+    else:
+        packed = PluginPath(plan.plugins["packed"], model, config.pack_order)
+    if plan.plugins["unpacked"] is None:
+        unpacked = FairEsmPath(model, config.faults)
+    else:
+        unpacked = PluginPath(plan.plugins["unpacked"], model, config.pack_order)
+    return unpacked, packed, packed_builtin
+
+
+def _settle_taps(paths, names: list[str], say) -> tuple[list[str], dict[str, list[str]]]:
+    """The taps every path delivers; what each path could not capture (reported, never silent)."""
+    missing: dict[str, list[str]] = {}
+    keep = list(names)
+    for path in paths:
+        have = set(path.capturable(names))
+        gone = [n for n in names if n not in have]
+        if gone:
+            missing[path.name] = gone
+            say(f"{path.name} path ({path.label}): {len(gone)} of {len(names)} taps could not be captured; the rest is traced")
+            for line in missing_advice(gone):
+                say(f"  {line}")
+        keep = [n for n in keep if n in have]
+    if not keep:
+        raise TracerError(f"none of the requested taps could be captured from {' and '.join(p.label for p in paths)}")
+    return keep, missing
+
+
+def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loaded=None) -> Result:
+    """Run, compare and write one trace (see module docstring).
+
+    ``loaded`` may be ``(model, arch, weights)`` from :func:`tracer.models.load_model`, to reuse a
+    model across runs (its precision and device are set by the run).
+    """
+    say = _Say(quiet)
+    timings: dict[str, float] = {}
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first use)
+    return_freed_memory()
+    t0 = time.perf_counter()
+    plan = _prepare(config, sequences, say, loaded, timings)
+    model, arch, batch, device, dtype, ref_dtype = plan.model, plan.arch, plan.batch, plan.device, plan.dtype, plan.ref_dtype
+    run_paths = ["unpacked", "packed"] + (["reference"] if ref_dtype is not None else [])
+    names = plan.names
+
+    with TraceWriter(plan.out, force=config.force, compression=config.compression) as writer, _deterministic(), torch.inference_mode():
         writer.write_sequences(batch.ids, [s.residues for s in sequences], [s.length for s in sequences], batch.layout)
-        async_writer = None if config.metrics_only else AsyncTapWriter(writer)
-        keep = {"unpacked", "reference"} if config.local else set()
-        collector = Collector(names, paths, dtype, async_writer, keep=keep)
+        async_writer = None
         clock = _Clock(device, timings)
         write_stats: dict = {}
+        notes: list[str] = []
         try:
             models.set_precision(model, device, dtype)
-            packed = PackedESM2(model, backend, rope=config.packed_rope, faults=config.faults)
-            say(f"unpacked path: fair-esm forward, padded batch {tuple(batch.padded.shape)}, {dtype_name(dtype)}")
-            with clock("unpacked"), say.layers(model.layers, "unpacked"):
-                run_unpacked(model, batch, names, collector.recorder("unpacked"), config.faults)
-            say(f"packed path: {batch.layout.n_tokens} tokens, cu_seqlens {batch.layout.cu_seqlens.tolist()}, RoPE {config.packed_rope}")
-            with clock("packed"), say.layers(packed.layers, "packed"):
-                run_packed(packed, batch, names, collector.recorder("packed"))
+            unpacked, packed, packed_builtin = _build_paths(config, plan)
+            with clock("probe"):
+                names, missing = _settle_taps([unpacked, packed], names, say)
+            for side, gone in missing.items():
+                notes += [f"{side} path: {line}" for line in missing_advice(gone)]
+            meta = run_meta(config, arch, plan.weights, dtype, ref_dtype, plan.backend, names, device)
+            meta["paths"] = {p.name: {"label": p.label} for p in (unpacked, packed)}
+            if packed_builtin is None:
+                meta["packed_rope"] = "plug-in's own"
+            meta["uncaptured"] = missing
+            say(
+                f"{arch.name} {dtype_name(dtype)} on {meta['environment']['device_name']} ({device}); attention {plan.backend.name}; "
+                f"reference {meta['reference_dtype'] or 'none'}; {len(names)} taps x {batch.layout.n_tokens} tokens"
+            )
+            async_writer = None if config.metrics_only else AsyncTapWriter(writer)
+            keep = {"unpacked", "reference"} if config.local else set()
+            collector = Collector(names, run_paths, dtype, async_writer, keep=keep)
+            for path in (unpacked, packed):
+                say(f"{path.name} path: {path.describe(batch)}, {dtype_name(dtype)}")
+                with clock(path.name), say.layers(model.layers, path.name):
+                    output = path.run(batch, names, collector.recorder(path.name))
+                notes += output.notes
+                for note in output.notes:
+                    say(f"note: {note}")
             if ref_dtype is not None:
                 say(f"reference: fair-esm forward in {dtype_name(ref_dtype)} on the same weights")
                 with clock("reference"), models.strict_fp32_matmul(), say.layers(model.layers, "reference"):
                     models.set_precision(model, device, ref_dtype)
-                    run_unpacked(model, batch, names, collector.recorder("reference"))
+                    FairEsmPath(model, name="reference").run(batch, names, collector.recorder("reference"))
             local_table = {}
             if config.local:
                 say("local: re-running every layer on the other side's recorded input")
                 with clock("local"):
                     models.set_precision(model, device, dtype)
-                    local_table = _local(model, packed, batch, names, collector, dtype, arch.num_layers)
+                    local_table = _local(model, packed_builtin, batch, names, collector, dtype, arch.num_layers)
             with clock("metrics"):
                 table = MetricsTable(names, collector.table(), local_table)
             with clock("judge"):  # while the writer may still be busy
                 context = summary_context(meta, batch_description(sequences, config.pack_order))
-                summary = judge(table, batch.layout, batch.ids, rule, context, trace=str(out))
+                if notes:
+                    context["notes"] = notes
+                summary = judge(table, batch.layout, batch.ids, plan.rule, context, trace=str(plan.out))
             with clock("write_wait"):
                 if async_writer is not None:
                     async_writer.close()
@@ -326,7 +423,7 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
                 raise
             raise TracerError(
                 f"this PyTorch ({torch.__version__}) cannot run ESM-2 in {dtype_name(dtype)} on {device.type} "
-                f"with --attn {backend.name} ({str(e).splitlines()[0]}); choose another --dtype, --device or --attn"
+                f"with --attn {plan.backend.name} ({str(e).splitlines()[0]}); choose another --dtype, --device or --attn"
             ) from None
         finally:
             if async_writer is not None:  # failure path: stop the thread before the file is removed
@@ -342,7 +439,7 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
             path = writer.commit()
         write_stats["commit_seconds"] = writer.commit_seconds
     timings["total"] = time.perf_counter() - t0 - timings["load"]
-    return Result(path, summary, timings, bytes_written, write_stats)
+    return Result(path, summary, timings, bytes_written, write_stats, notes)
 
 
 def _sync(device: torch.device) -> None:
@@ -364,29 +461,6 @@ class _Clock:
         finally:
             _sync(self.device)
             self.timings[name] = time.perf_counter() - t
-
-
-def batch_description(sequences: list[Sequence], pack_order: str) -> str:
-    shown = ", ".join(f"{s.id} ({s.length})" for s in sequences[:6])
-    more = f", ... {len(sequences)} sequences" if len(sequences) > 6 else ""
-    return f"{shown}{more} residues; packed in {pack_order} order"
-
-
-def summary_context(meta: dict, batch: str) -> dict:
-    """The run facts a summary prints (no timestamps: summaries diff cleanly)."""
-    w = meta["weights"]
-    weights = f"random init, seed {w['seed']}" if w["source"] == "random" else f"{w['source']} {w['path']}"
-    return {
-        "model": meta["model"],
-        "weights": weights,
-        "dtype": meta["dtype"],
-        "reference": meta["reference_dtype"],
-        "device": f"{meta['environment']['device']} ({meta['environment']['device_name']})",
-        "backend": meta["attention"]["backend"],
-        "packed_rope": meta["packed_rope"],
-        "batch": batch,
-        "faults": meta.get("faults_description", "none"),
-    }
 
 
 def _to_padded(x: torch.Tensor, batch: Batch) -> torch.Tensor:

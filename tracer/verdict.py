@@ -272,6 +272,8 @@ class Summary:
             f"model     {c.get('model')} ({c.get('weights')}), {c.get('dtype')} on {c.get('device')}, "
             f"attention {c.get('backend')}, packed RoPE {c.get('packed_rope')}",
             f"batch     {c.get('batch')}",
+            *([f"paths     packed: {c.get('packed_path', 'builtin')}; unpacked: {c.get('unpacked_path', 'fair-esm ESM2.forward')}"]
+              if c.get("packed_path") or c.get("unpacked_path") else []),
             f"rule      {self.rule.describe()}" + (f"; reference {c['reference']}" if c.get("reference") else "; no reference"),
         ]
         if c.get("faults") and c["faults"] != "none":
@@ -303,6 +305,8 @@ class Summary:
         for pair, rows in self.local.items():
             born = [r.layer for r in rows if r.born_here]
             lines.append(f"local     {pair}: error born in layer(s) {born or 'none'} (re-run on the other side's input)")
+        for note in c.get("notes") or []:
+            lines.append(f"note      {note}")
         if table:
             lines.append(self.format_table())
         return "\n".join(lines)

@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import SMALL, run
 from tests.unit.test_models import TINY, write_checkpoint
-from tracer import compare, plot, tracing
+from tracer import compare, paths, plot, tracing
 from tracer import bundle as bundle_cli
 from tracer import run as run_cli
 from tracer.models import build_random
@@ -132,7 +132,7 @@ def test_gpu_out_of_memory_is_one_line_and_leaves_no_file(tmp_path, monkeypatch,
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(tracing, "run_packed", oom)
+    monkeypatch.setattr(paths, "run_packed", oom)
     msg = one_line_error(capsys, run_cli.main, [*BASE, "--seq-len", "10", "--out", str(tmp_path / "t.h5")], "out of memory on cpu")
     assert "--taps, --layers or --metrics-only" in msg and "GiB" in msg
     assert not list(tmp_path.iterdir())
@@ -152,13 +152,13 @@ def test_argparse_mistakes_are_one_line(capsys):
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError], ids=["ctrl-c", "crash"])
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, exc):
-    real = tracing.run_packed
+    real = paths.run_packed
 
     def boom(*a, **k):
         real(*a, **k)
         raise exc("stop")
 
-    monkeypatch.setattr(tracing, "run_packed", boom)
+    monkeypatch.setattr(paths, "run_packed", boom)
     with pytest.raises(exc):
         run(tmp_path, debug_batch(30))
     assert not list(tmp_path.iterdir())  # neither the trace nor its .partial

@@ -1,0 +1,261 @@
+"""A user's own packed forward (``--packed SPEC``): the worked example in ``examples/`` is traced
+like the built-in path, copies of it with one classic user bug each are localized exactly, and
+nothing the tool does changes what the plug-in computes.
+
+Runs are on the CPU with the small random model; float32 runs use a float64 reference, where a
+healthy path stays within ~1e-6 of fair-esm, so every planted bug stands far above the bar.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SMALL, mixed_batch, run
+from tracer import models
+from tracer.errors import TracerError
+from tracer.paths import PluginPath, encode
+from tracer.plugin import Plugin, load
+from tracer.run import main as run_main
+from tracer.sequences import make_batch, motif_sequence
+from tracer.store import open_trace
+from tracer.taps import tap_names
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ADAPTER = f"{EXAMPLES / 'packed_esm2_adapter.py'}:make_forward"
+WRAPPER = (EXAMPLES / "packed_esm2.py").read_text()
+ADAPTER_CODE = (EXAMPLES / "packed_esm2_adapter.py").read_text().replace("from packed_esm2 import PackedESM2Wrapper", "")
+
+
+def plugin_file(tmp_path: Path, name: str, edits=(), extra: str = "", adapter: str = ADAPTER_CODE) -> str:
+    """A self-contained copy of the example (wrapper + adapter) with ``edits`` applied; its SPEC."""
+    text = WRAPPER
+    for old, new in edits:
+        assert text.count(old) == 1, f"edit target not found once: {old!r}"
+        text = text.replace(old, new)
+    path = tmp_path / f"{name}.py"
+    path.write_text(text + "\n" + extra + "\n" + adapter)
+    return f"{path}:make_forward"
+
+
+def batch():
+    return make_batch([("one", "MKT"), ("short", motif_sequence(12)), ("long", motif_sequence(40))])
+
+
+BUGS = {
+    # name: (edit of the user's code, (layer, tap, sequence, token) of the first divergence)
+    "positions-not-restarted": (
+        ("position_ids = create_position_ids_packed(cu_seqlens)", "position_ids = torch.arange(input_ids.shape[0], device=input_ids.device)"),
+        (0, "q_rope", "short", 0),  # the first sequence's positions are right; the second starts at 5
+    ),
+    "token-dropout-rescale-forgotten": (
+        ("x = x * (1 - 0.15 * 0.8) / (1 - mask_ratio_observed)[seq, None]", "pass"),
+        (None, "embed", "one", 0),  # 1 / 0.88: every embedding 14% too large
+    ),
+    "attention-crosses-sequences": (
+        ("attn_mask=mask, scale=softmax_scale", "attn_mask=None, scale=softmax_scale"),
+        (0, "ctx", "one", 0),  # q/k/v are right; the context mixes in other sequences
+    ),
+    "softmax-scale-twice": (
+        ("q = apply_rotary_fp32(q, position_ids)", "q = apply_rotary_fp32(q, position_ids) * d**-0.5"),
+        (0, "q_rope", "one", 0),  # q_rope is q as the kernel consumes it: q * scale, here scaled twice
+    ),
+}
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_classic_user_bug_is_localized_and_blamed_on_packed(tmp_path, bug):
+    edit, expected = BUGS[bug]
+    spec = plugin_file(tmp_path, bug.replace("-", "_"), [edit])
+    s = run(tmp_path, batch(), dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary
+    fd = s.first_divergence
+    assert fd is not None, f"{bug} was not found"
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected
+    assert s.attribution.drifting == "packed" and s.attribution.explained_by == "packed"
+    assert s.attribution.unpacked is None
+
+
+def test_example_float32_agrees_with_builtin_at_every_tap(tmp_path):
+    seqs = mixed_batch(300)
+    plug = run(tmp_path, seqs, name="plug.h5", dtype="float32", reference="fp64", packed=ADAPTER)
+    assert plug.summary.first_divergence is None and plug.summary.attribution.drifting == "neither"
+    assert not plug.notes  # every tap captured, output consistent with its own final_norm
+    built = run(tmp_path, seqs, name="builtin.h5", dtype="float32", reference="none", attn="math")
+    with open_trace(plug.path) as a, open_trace(built.path) as b:
+        assert a.taps("packed") == b.taps("packed") == tap_names(6)
+        for name in a.taps("packed"):
+            x, y = a.tap("packed", name).double(), b.tap("packed", name).double()
+            rel = ((x - y).norm() / y.norm()).item()
+            # float32 noise: different GELU (F.gelu vs fair-esm's erf formula) and SDPA vs bmm
+            assert rel < 1e-5, (name, rel)
+
+
+def test_example_bfloat16_verdict_matches_builtin(tmp_path):
+    seqs = mixed_batch(300)
+    plug = run(tmp_path, seqs, name="plug.h5", dtype="bfloat16", packed=ADAPTER, metrics_only=True).summary
+    built = run(tmp_path, seqs, name="builtin.h5", dtype="bfloat16", packed_rope="fp32", attn="math", metrics_only=True).summary
+    a, b = plug.first_divergence, built.first_divergence
+    assert a is not None and b is not None
+    assert (a.layer, a.tap, a.sequence, a.token) == (b.layer, b.tap, b.sequence, b.token)
+    assert plug.attribution.drifting == built.attribution.drifting == "unpacked"
+    assert plug.attribution.explained_by == built.attribution.explained_by
+
+
+HIDDEN_KERNEL = '''
+_KERNELS = {"sdpa": F.scaled_dot_product_attention}  # a reference the tool cannot see
+
+
+def hidden_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+    mask = block_diagonal_mask(cu_seqlens)
+    out = _KERNELS["sdpa"](q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=softmax_scale)
+    return out[0].transpose(0, 1)
+'''
+CALL = "ctx = varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=d**-0.5)"
+HIDDEN = (CALL, "ctx = hidden_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=d**-0.5)")
+TAPPED = (
+    CALL,
+    "i = list(self.model.layers).index(layer)\n"
+    "        import tracer\n"
+    "        q = tracer.tap('q_rope', i, q, scale=d**-0.5)\n"
+    "        tracer.tap('k_rope', i, k)\n"
+    "        tracer.tap('v', i, v)\n"
+    "        ctx = hidden_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=d**-0.5)",
+)
+
+
+def test_hook_and_helper_captures_are_identical(tmp_path):
+    # the same computation: attention seen by the tool (hooks), or hidden from it and tapped by hand
+    helper = run(tmp_path, batch(), name="helper.h5", dtype="float32", reference="none", packed=plugin_file(tmp_path, "helper", [TAPPED], HIDDEN_KERNEL))
+    seen = run(tmp_path, batch(), name="seen.h5", dtype="float32", reference="none", packed=ADAPTER)
+    assert not helper.notes and not seen.notes
+    with open_trace(helper.path) as a, open_trace(seen.path) as b:
+        assert a.taps("packed") == b.taps("packed")
+        for name in a.taps("packed"):
+            assert torch.equal(a.tap("packed", name), b.tap("packed", name)), name
+
+
+def test_uncaptured_taps_are_named_with_the_line_that_captures_them(tmp_path, capsys):
+    spec = plugin_file(tmp_path, "hidden", [HIDDEN], HIDDEN_KERNEL)
+    out = tmp_path / "t.h5"
+    code = run_main(["--model", SMALL, "--weights", "random", "--device", "cpu", "--dtype", "float32", "--seq-len", "20",
+                     "--packed", spec, "--out", str(out)])
+    assert code == 0
+    err = capsys.readouterr()
+    text = err.err + err.out
+    assert "packed path (plug-in " in text and "12 of 50 taps could not be captured" in text
+    assert 'not captured: layers.{0-5}.q_rope; add tracer.tap("q_rope", i, q, scale=softmax_scale)' in text
+    assert "not captured: layers.{0-5}.k_rope" in text and "layers.{0-5}.v;" not in text  # v from v_proj
+    assert "verdict   no divergence" in err.out  # the rest is traced
+    with open_trace(out) as t:
+        assert len(t.taps("packed")) == 38 and "layers.0.q_rope" not in t.taps("unpacked")
+        assert t.meta["uncaptured"]["packed"][0] == "layers.0.q_rope"
+
+
+def test_bad_layout_names_tap_layer_and_shapes(tmp_path):
+    wrong = ("tracer.tap('v', i, v)", "tracer.tap('v', i, v[:, :3])")
+    spec = plugin_file(tmp_path, "badlayout", [TAPPED, wrong], HIDDEN_KERNEL)
+    with pytest.raises(TracerError) as e:
+        run(tmp_path, batch(), dtype="float32", packed=spec)
+    msg = str(e.value)
+    assert "tap layers.0.v (layer 0): expected shape (" in msg and ", 20, 16), received (" in msg and ", 3, 16)" in msg
+    assert "\n" not in msg
+
+
+def test_output_that_disagrees_with_its_own_final_tap_is_reported(tmp_path):
+    adapter = ADAPTER_CODE.replace("repr_layers=[model.num_layers])", "repr_layers=[model.num_layers - 1])").replace(
+        'out["representations"][model.num_layers]', 'out["representations"][model.num_layers - 1]'
+    )
+    spec = plugin_file(tmp_path, "wrongrepr", adapter=adapter)
+    result = run(tmp_path, batch(), dtype="float32", packed=spec, metrics_only=True)
+    assert any("returned output differs from its own final_norm tap" in n for n in result.notes)
+    assert any("returned output differs" in n for n in result.summary.context["notes"])
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("nowhere.py:make", "nowhere.py does not exist"),
+        ("{ex}:nothing", "has no 'nothing'; it defines: make_forward"),
+        ("{ex}", "expected builtin, package.module:factory or path/to/file.py:factory"),
+        ("no_such_pkg_xyz.mod:f", "no module named 'no_such_pkg_xyz'"),
+    ],
+)
+def test_bad_spec_is_one_line_before_the_model_loads(spec, fragment):
+    spec = spec.format(ex=EXAMPLES / "packed_esm2_adapter.py")
+    with pytest.raises(TracerError) as e:
+        load(spec, "packed")
+    assert fragment in str(e.value)
+
+
+def test_plugin_that_raises_is_one_line_naming_it(tmp_path, capsys):
+    boom = ("x = self._embed(input_ids, cu_seqlens)", "x = self._embed(input_ids, cu_seqlens); raise ValueError('boom in user code')")
+    spec = plugin_file(tmp_path, "raises", [boom])
+    code = run_main(["--model", SMALL, "--weights", "random", "--device", "cpu", "--seq-len", "10", "--packed", spec, "--out", str(tmp_path / "t.h5")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("tracer: error: packed plug-in ") and "raised ValueError in its forward: boom in user code (at " in err[-1]
+    assert "raises.py:" in err[-1] and not any("Traceback" in line for line in err)
+    assert not (tmp_path / "t.h5").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_tracing_does_not_change_the_plugins_output(dtype):
+    model, _, _ = models.load_model(SMALL, "random", seed=0)
+    models.set_precision(model, torch.device("cpu"), dtype)
+    b = encode(mixed_batch(40), model.alphabet, "reversed")
+    forward = load(ADAPTER, "packed").make(model, model.alphabet)
+    outputs = []
+
+    def recording(*args):
+        outputs.append(forward(*args))
+        return outputs[-1]
+
+    path = PluginPath(Plugin("packed", "recording", lambda m, a: recording), model, "reversed")
+    got = {}
+    with torch.inference_mode():
+        out = path.run(b, tap_names(6), got.__setitem__)
+        traced = outputs[-1]
+        bare = forward(b.packed, b.layout.cu_seqlens, b.layout.max_seqlen)
+    assert len(got) == 50 and not out.notes
+    assert torch.equal(traced, bare)
+
+
+def test_unpacked_plugin_wrapping_fair_esm_traces_like_the_default(tmp_path):
+    code = (
+        "def make_unpacked(model, alphabet):\n"
+        "    def forward(tokens):\n"
+        "        return model(tokens, repr_layers=[model.num_layers])['representations'][model.num_layers]\n"
+        "    return forward\n"
+    )
+    f = tmp_path / "unpacked_plugin.py"
+    f.write_text(code)
+    plug = run(tmp_path, batch(), name="plug.h5", dtype="float32", reference="none", unpacked=f"{f}:make_unpacked")
+    default = run(tmp_path, batch(), name="default.h5", dtype="float32", reference="none")
+    assert not plug.notes
+    with open_trace(plug.path) as a, open_trace(default.path) as b:
+        assert a.taps("unpacked") == b.taps("unpacked") == tap_names(6)
+        for name in a.taps("unpacked"):
+            assert torch.equal(a.tap("unpacked", name), b.tap("unpacked", name)), name
+
+
+def test_builtin_only_options_are_refused_for_a_plugin(tmp_path):
+    from tracer.faults import Faults
+
+    with pytest.raises(TracerError, match="switch of the built-in packed path"):
+        run(tmp_path, batch(), packed=ADAPTER, faults=Faults(double_scale=True))
+    with pytest.raises(TracerError, match="does not apply to a plug-in"):
+        run(tmp_path, batch(), packed=ADAPTER, local=True)
+
+
+def test_read_only_tools_do_not_import_the_run_orchestration():
+    code = (
+        "import sys; import tracer.compare, tracer.plot, tracer.bundle; "
+        "bad = [m for m in ('esm', 'tracer.tracing', 'tracer.models', 'tracer.paths') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
