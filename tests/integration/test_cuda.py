@@ -47,3 +47,28 @@ def test_pinned_writer_round_trip_and_determinism(tmp_path):
             for name in ta.taps(path):
                 assert torch.equal(ta.tap(path, name).view(torch.uint8), tb.tap(path, name).view(torch.uint8)), (path, name)
     assert a.summary.to_json()["first_divergence"] == {**b.summary.to_json()["first_divergence"]}
+
+
+def test_plugin_example_on_cuda_matches_builtin_and_captures_the_kernel(tmp_path):
+    """The worked example calls PyTorch's varlen kernel (or flash-attn) on CUDA: every tap is
+    captured, and its bf16 verdict matches the built-in path with the same kernel and RoPE."""
+    from tests.integration.test_plugin import ADAPTER
+
+    seqs = debug_batch(400)
+    plug = run(tmp_path, seqs, name="plug.h5", device="cuda", dtype="bfloat16", packed=ADAPTER, metrics_only=True)
+    built = run(tmp_path, seqs, name="builtin.h5", device="cuda", dtype="bfloat16", attn="torch-varlen", metrics_only=True)
+    assert not plug.notes, plug.notes
+    a, b = plug.summary.first_divergence, built.summary.first_divergence
+    assert (a.layer, a.tap, a.sequence, a.token) == (b.layer, b.tap, b.sequence, b.token)
+    assert plug.summary.attribution.drifting == built.summary.attribution.drifting == "unpacked"
+
+
+def test_plugin_bug_found_on_cuda(tmp_path):
+    from tests.integration.test_plugin import BUGS, batch, plugin_file
+
+    edit, expected = BUGS["positions-not-restarted"]
+    spec = plugin_file(tmp_path, "positions", [edit])
+    s = run(tmp_path, batch(), device="cuda", dtype="bfloat16", packed=spec, metrics_only=True).summary
+    fd = s.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected
+    assert s.attribution.drifting == "packed"
