@@ -136,6 +136,8 @@ def report_markdown(summary: dict, meta: dict, trace, slim_taps: list[str], plot
         ("attention", f"{meta['attention']['backend']} {meta['attention']['version'] or ''}"),
         ("packed RoPE / pack order", f"{meta['packed_rope']} / {meta['pack_order']}"),
         ("planted faults", meta.get("faults_description", "none")),
+        *[(f"{side} path", info["label"]) for side, info in (meta.get("paths") or {}).items()],
+        *[(f"not captured ({side})", f"{len(gone)} taps: {', '.join(gone[:4])}{', ...' if len(gone) > 4 else ''}") for side, gone in (meta.get("uncaptured") or {}).items()],
         ("device", f"{env['device']} ({env['device_name']})"),
         ("python / torch / fair-esm", f"{env['python']} / {env['torch']} / {env['fair_esm']}"),
         ("flash-attn / CUDA / cuDNN", f"{env['flash_attn']} / {env['cuda']} / {env['cudnn']}"),

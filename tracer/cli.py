@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import warnings
 
@@ -38,6 +39,9 @@ def main_guard(fn):
             except KeyboardInterrupt:
                 print("tracer: interrupted (no trace was written)", file=sys.stderr)
                 return 130
+            except BrokenPipeError:  # `... | head` closed our stdout: not an error of the run
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
 
     return wrapper
 

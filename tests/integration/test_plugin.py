@@ -259,3 +259,16 @@ def test_read_only_tools_do_not_import_the_run_orchestration():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_plugin_trace_bundles_and_compares(tmp_path):
+    from tracer import bundle as bundle_cli
+
+    r = run(tmp_path, batch(), packed=ADAPTER)  # bfloat16, float32 reference, full tensors
+    assert bundle_cli.main([str(r.path), "-o", str(tmp_path / "b")]) == 0
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert f"| packed path | plug-in {ADAPTER} |" in report and "| unpacked path | fair-esm ESM2.forward |" in report
+    # a reader that stops early (`| head`) is not an error
+    p = subprocess.Popen([sys.executable, "-m", "tracer.compare", str(r.path), "--table"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before it prints
+    assert p.wait(timeout=300) == 0 and b"Traceback" not in p.stderr.read()
