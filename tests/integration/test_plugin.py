@@ -272,3 +272,24 @@ def test_plugin_trace_bundles_and_compares(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "tracer.compare", str(r.path), "--table"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()  # before it prints
     assert p.wait(timeout=300) == 0 and b"Traceback" not in p.stderr.read()
+
+
+LOOP_KERNEL = '''
+def loop_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+    """A loop over sequences, SDPA on (H, L, d) per sequence."""
+    bounds = cu_seqlens.tolist()
+    outs = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), scale=softmax_scale)
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat([o.transpose(0, 1) for o in outs])
+'''
+
+
+def test_loop_over_sequences_is_joined_in_call_order(tmp_path):
+    spec = plugin_file(tmp_path, "loop", [(CALL, CALL.replace("varlen_attention", "loop_attention"))], LOOP_KERNEL)
+    loop = run(tmp_path, batch(), name="loop.h5", dtype="float32", reference="none", packed=spec, pack_order="reversed")
+    seen = run(tmp_path, batch(), name="seen.h5", dtype="float32", reference="none", packed=ADAPTER, pack_order="reversed")
+    assert not loop.notes and loop.summary.first_divergence is None
+    with open_trace(loop.path) as a, open_trace(seen.path) as b:
+        for name in a.taps("packed"):
+            if name.endswith(("q_rope", "k_rope", "v")) and name.startswith("layers.0."):
+                assert torch.equal(a.tap("packed", name), b.tap("packed", name)), name
