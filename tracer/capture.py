@@ -217,3 +217,9 @@ class Collector:
             sums = torch.stack([by_tap.get(name, nan) for name in self.names]).cpu().double()  # (T, 5, N), one transfer
             out[pair] = {m: v.float().numpy() for m, v in from_sums(sums).items()}
         return out
+
+    def present(self) -> dict[str, np.ndarray]:
+        """``{pair: (T,) bool}``: which taps both sides of each pair recorded (missing rows of
+        :meth:`table` are NaN, and must not be mistaken for non-finite values)."""
+        self.flush()
+        return {pair: np.array([name in by_tap for name in self.names]) for pair, by_tap in self.metrics.items() if by_tap}

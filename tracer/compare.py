@@ -44,17 +44,18 @@ def stored_table(trace: Trace) -> MetricsTable:
     if "metrics" not in trace.file:
         raise TracerError(f"{trace.path} has no stored metrics")
 
-    def read(group: str) -> tuple[list[str], dict]:
+    def read(group: str) -> tuple[list[str], dict, dict]:
         g = trace.file[group]
         taps = [t.decode() if isinstance(t, bytes) else t for t in g["taps"][()]]
         pairs = {p: {m: g[p][m][()] for m in METRICS} for p in g if p != "taps"}
-        return taps, pairs
+        present = {p: g[p]["present"][()].astype(bool) for p in g if p != "taps" and "present" in g[p]}
+        return taps, pairs, present
 
-    taps, pairs = read("metrics")
+    taps, pairs, present = read("metrics")
     local = read("local")[1] if "local" in trace.file else {}
     if PAIR not in pairs:
         raise TracerError(f"{trace.path} is missing its {PAIR} metrics")
-    return MetricsTable(taps, pairs, local)
+    return MetricsTable(taps, pairs, local, present)
 
 
 @dataclass(frozen=True)
@@ -245,8 +246,19 @@ def check_comparable(a: Trace, b: Trace) -> list[str]:
     return common
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tap's raw bit patterns, ``(N, F)`` integers (NaN and -0.0 compare by their bits)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.reshape(t.shape[0], -1).view(ints[t.element_size()])
+
+
 def compare_traces(a: Trace, b: Trace, max_rel_l2: float | None = None) -> dict:
-    """First difference and first divergence of each common path between two traces."""
+    """First difference and first divergence of each common path between two traces.
+
+    *Difference*: the first token whose stored values are not bit-identical. *Divergence*: the
+    first token that is not bit-identical and whose relative L2 error exceeds the threshold, or
+    that holds a NaN or Inf (NaN never passes; identical NaNs are not a difference).
+    """
     paths = check_comparable(a, b)
     thr = max_rel_l2 if max_rel_l2 is not None else default_rule(a.meta["dtype"], False).max_rel_l2
     ids = [s.id for s in a.sequences]
@@ -257,15 +269,15 @@ def compare_traces(a: Trace, b: Trace, max_rel_l2: float | None = None) -> dict:
             ta, tb = a.tap(p, name), b.tap(p, name)
             if ta.dtype != tb.dtype:
                 raise TracerError(f"{p} {name} is {ta.dtype} in one trace and {tb.dtype} in the other")
+            differs = (_bits(ta) != _bits(tb)).any(dim=1).numpy()
+            if not differs.any():
+                continue
             m = token_metrics(ta, tb)
-            rel = m["rel_l2"].numpy()
-            differs = ~(m["max_abs"].numpy() == 0)
-            if first_diff is None and differs.any():
+            if first_diff is None:
                 first_diff = _two_trace_point(name, int(np.argmax(differs)), m, 0.0, a, ids)
-            over = ~(rel <= thr)
-            if first_div is None and over.any():
+            over = ~(m["rel_l2"].numpy() <= thr) & differs
+            if over.any():
                 first_div = _two_trace_point(name, int(np.argmax(over)), m, thr, a, ids)
-            if first_div is not None:
                 break
         result["paths"][p] = {
             "identical": first_diff is None,
@@ -279,7 +291,8 @@ def _two_trace_point(name, col, m, thr, trace, ids) -> Point:
     layer, site = parse_tap(name)
     seq, tok = trace.layout.token(col)
     cd, rel, mx = (float(m[k][col]) for k in METRICS)
-    return Point(name, layer, site, ids[seq], seq, tok, 1.0 - cd, rel, mx, thr)
+    return Point(name, layer, site, ids[seq], seq, tok, 1.0 - cd if np.isfinite(cd) else None,
+                 rel if not np.isnan(rel) else None, mx if np.isfinite(mx) else None, thr, non_finite=bool(np.isnan(rel)))
 
 
 def format_two(result: dict) -> str:
@@ -289,10 +302,16 @@ def format_two(result: dict) -> str:
             lines.append(f"{p:<10} bit-identical at every tap and token")
             continue
         d = r["first_difference"]
-        lines.append(f"{p:<10} first difference at {_where(d)} (rel L2 {d['rel_l2']:.3g})")
+        lines.append(f"{p:<10} first difference at {_where(d)} ({_value(d)})")
         v = r["first_divergence"]
-        lines.append(f"{'':<10} first divergence at {_where(v)} (rel L2 {v['rel_l2']:.3g})" if v else f"{'':<10} no divergence above the threshold")
+        lines.append(f"{'':<10} first divergence at {_where(v)} ({_value(v)})" if v else f"{'':<10} no divergence above the threshold")
     return "\n".join(lines)
+
+
+def _value(d: dict) -> str:
+    if d.get("non_finite"):
+        return "a NaN or Inf value"
+    return "rel L2 inf" if d["rel_l2"] is None else f"rel L2 {d['rel_l2']:.3g}"
 
 
 def _where(d: dict) -> str:

@@ -163,14 +163,17 @@ class TraceWriter:
         ds.attrs["encoding"] = BF16_ENCODING if dtype == "bfloat16" else "raw"
         self.bytes_written += data.nbytes
 
-    def write_metrics(self, group: str, taps: list[str], table: dict[str, dict[str, np.ndarray]]) -> None:
-        """``table[pair][metric]`` is ``(T, N)`` in the order of ``taps``."""
+    def write_metrics(self, group: str, taps: list[str], table: dict[str, dict[str, np.ndarray]], present=None) -> None:
+        """``table[pair][metric]`` is ``(T, N)`` in the order of ``taps``; ``present[pair]``, if
+        given, is ``(T,)`` bool (which taps both sides recorded), stored as ``<pair>/present``."""
         g = self.file.require_group(group)
         if "taps" not in g:
             g.create_dataset("taps", data=np.array(taps, dtype=object), dtype=_STR)
         for pair, metrics in table.items():
             for metric, values in metrics.items():  # uncompressed: gzip cost 0.4 s per 3B trace (bundles compress)
                 g.create_dataset(f"{pair}/{metric}", data=np.asarray(values, dtype=np.float32))
+            if present and pair in present:
+                g.create_dataset(f"{pair}/present", data=np.asarray(present[pair], dtype=bool))
 
     def commit(self) -> Path:
         """Mark complete, flush, fsync, close and rename into place. Returns the final path."""

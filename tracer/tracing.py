@@ -405,7 +405,7 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
                     models.set_precision(model, device, dtype)
                     local_table = _local(model, packed_builtin, batch, names, collector, dtype, arch.num_layers)
             with clock("metrics"):
-                table = MetricsTable(names, collector.table(), local_table)
+                table = MetricsTable(names, collector.table(), local_table, collector.present())
             with clock("judge"):  # while the writer may still be busy
                 context = summary_context(meta, batch_description(sequences, config.pack_order))
                 if notes:
@@ -430,7 +430,7 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
                 with contextlib.suppress(BaseException):
                     async_writer.close()
         with clock("commit"):
-            writer.write_metrics("metrics", names, table.pairs)
+            writer.write_metrics("metrics", names, table.pairs, table.present)
             if local_table:
                 writer.write_metrics("local", names, local_table)
             writer.set_json("meta", meta)

@@ -24,16 +24,23 @@ optionally also ``cos < min_cos``.
 
 Walk order: taps in data-flow order (``embed``, layer 0 ``q_rope`` ... ``resid_out``, layer 1
 ..., ``final_norm``), then sequences in input order, then tokens. The *first divergence* is
-the first diverging (tap, token) in that order. NaN never passes.
+the first diverging (tap, token) in that order.
+
+Non-finite values: a token whose values hold a NaN or Inf (in either side of a pair) has NaN
+metrics (:mod:`tracer.metrics`), and NaN never passes: it is a divergence (packed vs
+unpacked) or a drift (path vs reference) at its own tap and token, like any other. A tap that
+one side did not record is *missing*, which is not the same thing: :attr:`MetricsTable.present`
+marks the rows that were compared, and missing rows are never judged.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tracer.taps import EMBED, FINAL, parse_tap
+from tracer.taps import EMBED, FINAL, parse_tap, walk_key
 
 NOISE_FACTOR = 8.0
 """K of the noise rule (README: calibration on fault-free runs gave at most 2.3; 8 leaves margin)."""
@@ -55,14 +62,24 @@ class MetricsTable:
         taps: tap names, walk order (rows of every array).
         pairs: ``{pair: {metric: (T, N) float array}}``; metrics ``cos_dist``, ``max_abs``, ``rel_l2``.
         local: same for the per-layer re-runs (``tracer.run --local``), or empty.
+        present: ``{pair: (T,) bool}``, whether both sides of the pair recorded each tap (a
+            pair not listed had every tap). Rows of missing taps are NaN but never judged: a
+            missing tap is not a non-finite value.
     """
 
     taps: list[str]
     pairs: dict[str, dict[str, np.ndarray]]
     local: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    present: dict[str, np.ndarray] = field(default_factory=dict)
 
     def has(self, pair: str) -> bool:
         return pair in self.pairs
+
+    def compared(self, pair: str) -> np.ndarray:
+        """``(T,)`` bool: the taps both sides of ``pair`` recorded."""
+        if pair in self.present:
+            return np.asarray(self.present[pair], dtype=bool)
+        return np.ones(len(self.taps), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,7 @@ class Point:
         cos, rel_l2, max_abs: metric values of the pair being judged at that token.
         threshold: the relative-L2 bar it was judged against; ``noise``: noise level (noise rule).
         path: for drift points, the path that drifted.
+        non_finite: the token holds a NaN or Inf (metrics are then ``None``).
     """
 
     name: str
@@ -115,10 +133,17 @@ class Point:
     threshold: float
     noise: float | None = None
     path: str | None = None
+    non_finite: bool = False
 
     def where(self) -> str:
         at = f"layer {self.layer}, {self.tap}" if self.layer is not None else self.tap
         return f"{at}, sequence {self.sequence}, token {self.token}"
+
+    def excess(self) -> str:
+        """Why the point failed: ``rel L2 0.03 > 0.026``, or that it holds a NaN/Inf."""
+        if self.non_finite:
+            return "a NaN or Inf value"
+        return f"rel L2 {_fmt(self.rel_l2)} > {self.threshold:.3g}"
 
     def to_json(self) -> dict:
         return {k: _num(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -140,6 +165,8 @@ class TapStats:
     noise: float | None
     floor: float | None
     vs_reference: dict | None
+    compared: bool = True
+    """Whether both paths recorded this tap (``False``: missing, its values are NaN)."""
 
     def to_json(self) -> dict:
         d = {k: _num(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -177,17 +204,13 @@ class Attribution:
         if self.drifting == "neither":
             return f"both paths stay within noise of {ref}"
         if self.drifting == "both":
-            a, b = sorted([self.packed, self.unpacked], key=lambda p: _order(p))
-            return (
-                f"both paths drift from {ref}: {a.path} first at {a.where()} (rel L2 {a.rel_l2:.3g} > {a.threshold:.3g}), "
-                f"{b.path} at {b.where()}"
-            )
+            a, b = sorted([self.packed, self.unpacked], key=_order)  # data-flow order, as `first`
+            if _order(a) == _order(b):
+                return f"both paths drift from {ref} first at the same point, {a.where()} ({a.excess()})"
+            return f"both paths drift from {ref}: {a.path} first at {a.where()} ({a.excess()}), {b.path} at {b.where()}"
         p = self.first
         other = "packed" if p.path == "unpacked" else "unpacked"
-        return (
-            f"{p.path} drifts from {ref} first at {p.where()} (rel L2 {p.rel_l2:.3g} > {p.threshold:.3g}); "
-            f"{other} stays within noise"
-        )
+        return f"{p.path} drifts from {ref} first at {p.where()} ({p.excess()}); {other} stays within noise"
 
     def to_json(self) -> dict:
         return {
@@ -234,11 +257,14 @@ class Summary:
         return self.first_divergence is not None
 
     def worst_layers(self, n: int = 3) -> list[tuple[int, float]]:
+        """The ``n`` layers with the largest packed-vs-unpacked relative L2 error; a layer with a
+        NaN/Inf token counts as worst of all (its value is NaN). Missing taps are left out."""
         per_layer: dict[int, float] = {}
         for s in self.taps:
-            if s.layer is not None and np.isfinite(s.max_rel_l2):
-                per_layer[s.layer] = max(per_layer.get(s.layer, 0.0), s.max_rel_l2)
-        return sorted(per_layer.items(), key=lambda kv: -kv[1])[:n]
+            if s.layer is not None and s.compared:
+                v = per_layer.get(s.layer, 0.0)
+                per_layer[s.layer] = np.nan if np.isnan(v) or np.isnan(s.max_rel_l2) else max(v, s.max_rel_l2)
+        return sorted(per_layer.items(), key=lambda kv: (not np.isnan(kv[1]), -kv[1] if not np.isnan(kv[1]) else 0.0))[:n]
 
     def to_json(self) -> dict:
         layers: dict[int, dict] = {}
@@ -284,10 +310,13 @@ class Summary:
         else:
             noise = f" = {self.rule.noise_factor:g} x noise {fd.noise:.3g}" if fd.noise is not None else ""
             lines.append(f"verdict   FIRST DIVERGENCE at {fd.where()}")
-            lines.append(
-                f"          packed vs unpacked: cos {_fmt_cos(fd.cos)}, rel L2 {_fmt(fd.rel_l2)}, "
-                f"max |diff| {_fmt(fd.max_abs)}; threshold {fd.threshold:.3g}{noise}"
-            )
+            if fd.non_finite:
+                lines.append(f"          packed vs unpacked: a NaN or Inf value at this token (never passes); threshold {fd.threshold:.3g}{noise}")
+            else:
+                lines.append(
+                    f"          packed vs unpacked: cos {_fmt_cos(fd.cos)}, rel L2 {_fmt(fd.rel_l2)}, "
+                    f"max |diff| {_fmt(fd.max_abs)}; threshold {fd.threshold:.3g}{noise}"
+                )
         if self.attribution is not None:
             lines.append(f"attribution {self.attribution.sentence()}")
             at = self.attribution.at_divergence
@@ -299,7 +328,7 @@ class Summary:
                 )
         else:
             lines.append("attribution none (no reference traced; run with --reference fp32)")
-        worst = ", ".join(f"layer {i} {v:.3g}" for i, v in self.worst_layers())
+        worst = ", ".join(f"layer {i} {_fmt(v)}" for i, v in self.worst_layers())
         if worst:
             lines.append(f"worst     layers by packed-vs-unpacked max rel L2: {worst}")
         for pair, rows in self.local.items():
@@ -317,6 +346,9 @@ class Summary:
             head += f" {'U-ref max':>10} {'P-ref max':>10}"
         rows = [head]
         for s in self.taps:
+            if not s.compared:
+                rows.append(f"{s.name:<22} {'missing (not recorded by both paths)':>50}")
+                continue
             row = (
                 f"{s.name:<22} {_fmt_cos(s.min_cos):>10} {_fmt(s.max_rel_l2):>10} {_fmt(s.median_rel_l2):>10} "
                 f"{s.threshold:>9.3g} {s.diverged_tokens:>8}"
@@ -335,7 +367,9 @@ def _num(x):
 
 
 def _fmt(x) -> str:
-    return "nan" if x is None or not np.isfinite(x) else f"{x:.3g}"
+    if x is None or np.isnan(x):
+        return "nan"
+    return f"{x:.3g}"  # inf prints as inf
 
 
 def _fmt_cos(x) -> str:
@@ -343,19 +377,20 @@ def _fmt_cos(x) -> str:
 
 
 def _order(p: Point):
-    return (p.sequence_index, p.token) if p is not None else (1 << 30,)
+    """Walk order of a point: tap in data-flow order, then sequence, then token."""
+    return (walk_key(p.name), p.sequence_index, p.token)
 
 
 def _median(rows: np.ndarray) -> np.ndarray:
-    """Per-row median over the finite values (0 for a row with none)."""
+    """Per-row median over the finite values (NaN for a row with none)."""
     if not rows.size:
-        return np.zeros(len(rows))
+        return np.full(len(rows), np.nan)
     finite = np.isfinite(rows)
     if finite.all():
         return np.median(rows, axis=1)
-    with np.errstate(all="ignore"):
-        out = np.nanmedian(np.where(finite, rows, np.nan), axis=1)
-    return np.nan_to_num(out, nan=0.0)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows with no finite value: NaN, on purpose
+        return np.nanmedian(np.where(finite, rows, np.nan), axis=1)
 
 
 def thresholds(table: MetricsTable, rule: Rule) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -364,8 +399,9 @@ def thresholds(table: MetricsTable, rule: Rule) -> tuple[np.ndarray, np.ndarray 
     if rule.kind == "noise":
         if not (table.has(VS_REF["packed"]) and table.has(VS_REF["unpacked"])):
             raise ValueError("the noise rule needs a reference")
-        typical = np.minimum(_median(table.pairs[VS_REF["packed"]]["rel_l2"]), _median(table.pairs[VS_REF["unpacked"]]["rel_l2"]))
-        noise = np.maximum(floor if floor is not None else 0.0, typical)
+        # fmin/fmax skip NaN: a path with no finite token at a tap (all NaN) does not set the bar
+        typical = np.fmin(_median(table.pairs[VS_REF["packed"]]["rel_l2"]), _median(table.pairs[VS_REF["unpacked"]]["rel_l2"]))
+        noise = np.nan_to_num(np.fmax(floor if floor is not None else np.nan, typical), nan=0.0)
         return rule.noise_factor * noise, noise, floor
     sites = [parse_tap(n)[1] for n in table.taps]
     bars = np.array([rule.site_max_rel_l2.get(s, rule.max_rel_l2) for s in sites], dtype=np.float64)
@@ -406,15 +442,16 @@ def _point(table, pair, row, col, bars, noise, layout, ids, path=None) -> Point:
     name = table.taps[row]
     layer, site = parse_tap(name)
     seq, tok = layout.token(col)
-    cd = float(metrics["cos_dist"][row, col])
+    cd, rel, mx = (float(metrics[k][row, col]) for k in ("cos_dist", "rel_l2", "max_abs"))
     return Point(
         name=name, layer=layer, tap=site, sequence=ids[seq], sequence_index=seq, token=tok,
         cos=1.0 - cd if np.isfinite(cd) else None,
-        rel_l2=float(metrics["rel_l2"][row, col]) if np.isfinite(metrics["rel_l2"][row, col]) else None,
-        max_abs=float(metrics["max_abs"][row, col]) if np.isfinite(metrics["max_abs"][row, col]) else None,
+        rel_l2=rel if not np.isnan(rel) else None,  # inf stays: finite values, |b| = 0
+        max_abs=mx if np.isfinite(mx) else None,
         threshold=float(bars[row]),
         noise=float(noise[row]) if noise is not None else None,
         path=path,
+        non_finite=bool(np.isnan(rel)),  # NaN metrics mean a NaN/Inf in the token's values
     )
 
 
@@ -423,7 +460,7 @@ def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict
     bars, noise, floor = thresholds(table, rule)
     pair = table.pairs[PAIR]
     min_cos = rule.min_cos if rule.kind == "plain" else None
-    diverged = _exceeds(pair["rel_l2"], bars, pair["cos_dist"], min_cos)
+    diverged = _exceeds(pair["rel_l2"], bars, pair["cos_dist"], min_cos) & table.compared(PAIR)[:, None]
     hit = _first(diverged)
     first = _point(table, PAIR, *hit, bars, noise, layout, ids) if hit else None
 
@@ -432,12 +469,12 @@ def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict
     if table.has(VS_REF["packed"]) and table.has(VS_REF["unpacked"]):
         points = {}
         for path, key in VS_REF.items():
-            drift_masks[path] = _exceeds(table.pairs[key]["rel_l2"], bars)
+            drift_masks[path] = _exceeds(table.pairs[key]["rel_l2"], bars) & table.compared(key)[:, None]
             h = _first(drift_masks[path])
             points[path] = _point(table, key, *h, bars, noise, layout, ids, path=path) if h else None
         found = [p for p in points.values() if p is not None]
         drifting = {0: "neither", 1: found[0].path if found else "neither", 2: "both"}[len(found)]
-        earliest = min(found, key=lambda p: (table.taps.index(p.name), _order(p))) if found else None
+        earliest = min(found, key=_order) if found else None
         explained = at = None
         if hit is not None:
             row, col = hit
@@ -457,7 +494,7 @@ def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict
         attribution = Attribution(drifting, earliest, points["packed"], points["unpacked"], explained,
                                   context.get("reference") or "reference", at)
 
-    stats = _tap_stats(table, pair, diverged, bars, noise, floor, drift_masks)
+    stats = _tap_stats(table, pair, diverged, bars, noise, floor, drift_masks, table.compared(PAIR))
 
     local = {}
     for lpair, metrics in table.local.items():
@@ -484,28 +521,25 @@ def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict
     )
 
 
-def _row_stats(rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: max (NaN if any token is non-finite) and median over the finite tokens."""
-    finite = np.isfinite(rel)
+def _worst(rows: np.ndarray) -> np.ndarray:
+    """Per-row max, NaN when any token is NaN (a NaN/Inf value is shown, never skipped)."""
+    if not rows.shape[-1]:
+        return np.full(len(rows), np.nan)
     with np.errstate(all="ignore"):
-        mx = np.where(finite.all(axis=1), np.max(np.where(finite, rel, -np.inf), axis=1), np.nan)
-    return mx, _median(rel)
+        return np.where(np.isnan(rows).any(axis=1), np.nan, np.max(np.where(np.isnan(rows), -np.inf, rows), axis=1))
 
 
-def _tap_stats(table, pair, diverged, bars, noise, floor, drift_masks) -> list[TapStats]:
+def _tap_stats(table, pair, diverged, bars, noise, floor, drift_masks, compared) -> list[TapStats]:
     """Per-tap summaries, vectorised over the (taps, tokens) arrays."""
-    max_rel, med_rel = _row_stats(pair["rel_l2"])
-    with np.errstate(all="ignore"):
-        min_cos = 1.0 - np.nanmax(np.where(np.isfinite(pair["cos_dist"]), pair["cos_dist"], np.nan), axis=1)
-        max_abs = np.nanmax(np.where(np.isfinite(pair["max_abs"]), pair["max_abs"], np.nan), axis=1)
+    max_rel, med_rel = _worst(pair["rel_l2"]), _median(pair["rel_l2"])
+    min_cos = 1.0 - _worst(pair["cos_dist"])
+    max_abs = _worst(pair["max_abs"])
     n_div = diverged.sum(axis=1)
     ref = {}
     for path, key in VS_REF.items():
         if drift_masks:
             rel = table.pairs[key]["rel_l2"]
-            with np.errstate(all="ignore"):
-                mx = np.nanmax(np.where(np.isfinite(rel), rel, np.nan), axis=1)
-            ref[path] = (mx, _median(rel), drift_masks[path].sum(axis=1))
+            ref[path] = (_worst(rel), _median(rel), drift_masks[path].sum(axis=1))
     stats = []
     for i, name in enumerate(table.taps):
         layer, site = parse_tap(name)
@@ -517,6 +551,7 @@ def _tap_stats(table, pair, diverged, bars, noise, floor, drift_masks) -> list[T
             noise=float(noise[i]) if noise is not None else None,
             floor=float(floor[i]) if floor is not None else None,
             vs_reference=vs_ref,
+            compared=bool(compared[i]),
         ))
     return stats
 

@@ -65,3 +65,19 @@ def test_bfloat16_inputs_are_upcast_exactly():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes differ"):
         token_metrics(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["a", "b", "both"])
+def test_non_finite_never_passes_even_when_equal(bad, where):
+    """Polygraphy's rule (NaNs always fail), extended to Inf: a NaN/Inf on either side, or the
+    same NaN/Inf on both sides, gives NaN metrics, and NaN fails every threshold."""
+    a, b = torch.ones(2, 4), torch.ones(2, 4)
+    if where in ("a", "both"):
+        a[0, 1] = bad
+    if where in ("b", "both"):
+        b[0, 1] = bad
+    m = token_metrics(a, b)
+    for name in ("cos_dist", "max_abs", "rel_l2"):
+        assert math.isnan(m[name][0].item()) and m[name][1].item() == 0
+    assert not (m["rel_l2"][0] <= 1e30)  # the comparison every rule makes
