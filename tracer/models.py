@@ -5,10 +5,12 @@ fair-esm keeps two pieces of rotary-embedding state that do not follow a precisi
 way weights do, and tracer manages both explicitly:
 
 * ``rot_emb.inv_freq`` is a *buffer*, so ``model.to(bfloat16)`` rounds it to bfloat16, and a
-  later ``model.to(float32)`` does not bring the lost bits back. :func:`set_precision` rewrites it
-  from its definition after every change: computed in float32 exactly as fair-esm's constructor
-  does, then cast (so in bfloat16 it holds exactly what ``model.to(bfloat16)`` gives a freshly
-  loaded model), or computed in float64 for a float64 reference.
+  later ``model.to(float32)`` does not bring the lost bits back. The buffer *as loaded* is
+  remembered per rotary module (:func:`loaded_inv_freq`; released ESM-2 checkpoints carry an
+  fp16-rounded one, which fair-esm's own loader keeps), and :func:`set_precision` restores
+  ``loaded.to(dtype)`` after every change: in bfloat16 exactly what ``model.to(bfloat16)`` gives
+  the freshly loaded model, in float32/float64 the loaded values up-cast exactly. It is never
+  rewritten from its definition: tracer traces the model as loaded.
 * ``rot_emb._cos_cached``/``_sin_cached`` are plain attributes keyed on sequence length and device
   only, *not dtype*: a table built in float32 would be reused by a bfloat16 run of the same length
   and silently promote q/k to float32. :func:`reset_rotary_caches` clears them before every run.
@@ -134,6 +136,7 @@ def build_random(arch: Architecture, seed: int) -> ESM2:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _esm2(arch)
+    remember_loaded(model)
     return model.eval().requires_grad_(False)
 
 
@@ -222,7 +225,8 @@ def build_from_checkpoint(data: dict, arch: Architecture, path: str | Path) -> E
     """ESM-2 with the checkpoint's tensors assigned in place (no random init, no second copy).
 
     Contact-regression weights (a separate file in fair-esm) are not needed for tracing and are
-    zero-filled when absent.
+    zero-filled when absent. A rotary ``inv_freq`` the file lacks gets what fair-esm's
+    constructor computes; one the file has is kept exactly as stored.
     """
     prefix = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")  # fair-esm's upgrade_state_dict
     state = {prefix.sub("", k): v for k, v in data["model"].items()}
@@ -245,11 +249,15 @@ def build_from_checkpoint(data: dict, arch: Architecture, path: str | Path) -> E
     for module in model.modules():  # whatever the file lacked is still on the meta device
         for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if t.is_meta:
-                filled = torch.zeros(t.shape, dtype=t.dtype)
+                if name == "inv_freq":  # what fair-esm's constructor puts there
+                    filled = canonical_inv_freq(2 * t.shape[0]).to(t.dtype)
+                else:
+                    filled = torch.zeros(t.shape, dtype=t.dtype)
                 if isinstance(t, torch.nn.Parameter):
                     setattr(module, name, torch.nn.Parameter(filled, requires_grad=False))
                 else:
                     setattr(module, name, filled)
+    remember_loaded(model)
     return model.eval().requires_grad_(False)
 
 
@@ -331,6 +339,27 @@ def load_model(
     return model, arch, Weights(source, str(path), None, fingerprint(model))
 
 
+_LOADED = "_tracer_loaded_inv_freq"
+
+
+def remember_loaded(model: ESM2) -> None:
+    """Keep each rotary module's ``inv_freq`` as it is now (call right after loading)."""
+    for layer in model.layers:
+        rot = layer.self_attn.rot_emb
+        object.__setattr__(rot, _LOADED, rot.inv_freq.detach().to("cpu", copy=True))
+
+
+def loaded_inv_freq(rot) -> torch.Tensor:
+    """The rotary module's ``inv_freq`` as loaded, in its loaded dtype, on the CPU.
+
+    Remembered by :func:`load_model`; a model that did not come through it is remembered the
+    first time it is seen here (so call this before changing its precision).
+    """
+    if not hasattr(rot, _LOADED):
+        object.__setattr__(rot, _LOADED, rot.inv_freq.detach().to("cpu", copy=True))
+    return getattr(rot, _LOADED)
+
+
 def fingerprint(model: ESM2) -> str:
     """SHA-256 over the embedding, final layer norm and last layer's fc2 bias, as stored."""
     h = hashlib.sha256()
@@ -339,16 +368,11 @@ def fingerprint(model: ESM2) -> str:
     return h.hexdigest()[:16]
 
 
-def canonical_inv_freq(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """RoPE inverse frequencies for head dimension ``dim`` in ``dtype``.
-
-    float64: computed in float64 from the definition ``1 / 10000^(2i/dim)``. Every other dtype:
-    computed in float32 exactly as ``esm.rotary_embedding.RotaryEmbedding.__init__`` does, then
-    cast, which is what ``model.to(dtype)`` produces from a freshly built model.
-    """
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=compute) / dim))
-    return inv.to(device=device, dtype=dtype)
+def canonical_inv_freq(dim: int) -> torch.Tensor:
+    """RoPE inverse frequencies for head dimension ``dim``, float32 on the CPU, computed exactly as
+    ``esm.rotary_embedding.RotaryEmbedding.__init__`` does (what a checkpoint without the buffer
+    gets from fair-esm's constructor)."""
+    return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
 def reset_rotary_caches(model: ESM2) -> None:
@@ -365,13 +389,14 @@ def set_precision(model: ESM2, device: torch.device, dtype: torch.dtype) -> None
 
     Weights are converted in place, so only one copy is ever held (an up-cast after a down-cast
     is exact: the reference then computes on the very weights the low-precision paths used).
-    Rotary inverse frequencies are rewritten from their definition and the rotary caches are
-    cleared (see the module docstring).
+    Rotary inverse frequencies are the loaded buffer cast to ``dtype`` (exactly what
+    ``model.to(dtype)`` does to the loaded model), never the definition, and the rotary caches
+    are cleared (see the module docstring).
     """
+    loaded = [loaded_inv_freq(layer.self_attn.rot_emb) for layer in model.layers]  # before any cast
     model.to(device=device, dtype=dtype)
-    for layer in model.layers:
-        rot = layer.self_attn.rot_emb
-        rot.inv_freq = canonical_inv_freq(layer.self_attn.head_dim, dtype, device)
+    for layer, inv in zip(model.layers, loaded):
+        layer.self_attn.rot_emb.inv_freq = inv.to(device=device, dtype=dtype)
     reset_rotary_caches(model)
 
 

@@ -10,11 +10,15 @@ add), and the final layer norm.
 
 RoPE (``rope=``):
 
-* ``fp32`` (default): inverse frequencies from their definition in float32, positions in
-  float32, cos/sin and the rotation in float32, result cast to the model dtype.
+* ``fp32`` (default): the model's inverse frequencies *as loaded* (:func:`tracer.models.loaded_inv_freq`,
+  up-cast exactly to float32, whatever the run dtype), positions in float32, cos/sin and the
+  rotation in float32, result cast to the model dtype.
 * ``model``: exactly what fair-esm's ``RotaryEmbedding`` does, in the model dtype: positions
   ``arange(T).type_as(inv_freq)`` (so in bfloat16 positions above 256 are rounded), the module's
-  own ``inv_freq``, cos/sin and rotation in the model dtype.
+  own ``inv_freq`` buffer (the loaded one cast to the model dtype), cos/sin and rotation in the
+  model dtype.
+
+Each layer uses its own rotary module's frequencies (layers with equal ones share one table).
 
 Example::
 
@@ -31,7 +35,7 @@ from torch import nn
 
 from tracer.attention import Backend
 from tracer.faults import Faults
-from tracer.models import canonical_inv_freq
+from tracer.models import loaded_inv_freq
 from tracer.packing import Layout
 from tracer.taps import SITES, HookPoint
 
@@ -44,14 +48,14 @@ class Rope:
     Args:
         mode: ``fp32`` or ``model`` (module docstring).
         positions: ``(N,)`` int64 position of every packed token.
-        inv_freq: the rotary module's own buffer (used by ``model`` mode).
-        head_dim: d.
+        inv_freq: ``(d/2,)`` inverse frequencies: for ``fp32`` the loaded values (up-cast here to
+            float32), for ``model`` the rotary module's own buffer in the model dtype.
     """
 
-    def __init__(self, mode: str, positions: torch.Tensor, inv_freq: torch.Tensor, head_dim: int):
+    def __init__(self, mode: str, positions: torch.Tensor, inv_freq: torch.Tensor):
         self.mode = mode
         if mode == "fp32":
-            inv = canonical_inv_freq(head_dim, torch.float32, positions.device)
+            inv = inv_freq.to(device=positions.device, dtype=torch.float32)  # exact up-cast of the loaded values
             freqs = positions.float()[:, None] * inv[None, :]  # (N, d/2), one rounding per product
         else:  # fair-esm's _update_cos_sin_tables, in the model dtype, then gathered per token
             t = torch.arange(int(positions.max()) + 1, device=positions.device).type_as(inv_freq)
@@ -149,23 +153,30 @@ class PackedESM2(nn.Module):
                 x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[seq, None]
         return self.embed(x)
 
-    def rope_tables(self, layout: Layout, device) -> tuple[Rope, Rope]:
-        """``(correct, faulty)`` RoPE tables; ``faulty`` differs only under a positions fault."""
+    def rope_tables(self, layout: Layout, device) -> list[tuple[Rope, Rope]]:
+        """Per layer, ``(correct, faulty)`` RoPE tables; ``faulty`` differs only under a positions
+        fault. Layers whose frequencies are equal share their tables."""
         positions = layout.positions.to(device)
-        inv_freq = self.esm.layers[0].self_attn.rot_emb.inv_freq
-        head_dim = self.esm.layers[0].self_attn.head_dim
-        good = Rope(self.rope_mode, positions, inv_freq, head_dim)
         bad_pos = positions
         if self.faults.positions_not_restarted:
             bad_pos = torch.arange(layout.n_tokens, device=device)
         if self.faults.positions_low_precision:
             bad_pos = bad_pos.to(torch.bfloat16).long()
-        bad = good if bad_pos is positions else Rope(self.rope_mode, bad_pos, inv_freq, head_dim)
-        return good, bad
+        shared: dict[tuple, tuple[Rope, Rope]] = {}
+        tables = []
+        for layer in self.esm.layers:
+            rot = layer.self_attn.rot_emb
+            inv = loaded_inv_freq(rot) if self.rope_mode == "fp32" else rot.inv_freq
+            key = (inv.dtype, tuple(inv.tolist()))
+            if key not in shared:
+                good = Rope(self.rope_mode, positions, inv)
+                shared[key] = (good, good if bad_pos is positions else Rope(self.rope_mode, bad_pos, inv))
+            tables.append(shared[key])
+        return tables
 
     def run_layer(self, i: int, x: torch.Tensor, layout: Layout, tables=None) -> torch.Tensor:
         """Layer ``i`` alone on a packed ``(N, E)`` input (used to split local from inherited error)."""
-        good, bad = tables or self.rope_tables(layout, x.device)
+        good, bad = (tables or self.rope_tables(layout, x.device))[i]
         cu = layout.cu_seqlens.to(x.device)
         rope = bad if self.faults.at(i) else good
         return self.layers[i](x, rope, cu, layout.max_seqlen, self.backend, self.faults)

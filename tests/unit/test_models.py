@@ -146,6 +146,7 @@ def test_precision_switch_leaves_no_stale_rotary_state():
     model = build_random(TINY, 0)
     rot = model.layers[0].self_attn.rot_emb
     fresh = rot.inv_freq.clone()
+    assert torch.equal(fresh, models.canonical_inv_freq(16))  # a random init holds the definition
     cpu = torch.device("cpu")
     x = torch.zeros(1, 4, 300, 16)
     rot(x.view(-1, 300, 16), x.view(-1, 300, 16))  # builds a float32 cos/sin cache for length 300
@@ -157,7 +158,7 @@ def test_precision_switch_leaves_no_stale_rotary_state():
     set_precision(model, cpu, torch.float32)
     assert torch.equal(rot.inv_freq, fresh)  # exact again, not the up-cast bfloat16 values
     set_precision(model, cpu, torch.float64)
-    assert torch.equal(rot.inv_freq, 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)))
+    assert torch.equal(rot.inv_freq, fresh.double())  # the loaded values up-cast, not the float64 definition
 
 
 def test_fair_esm_cache_hazard_is_real():
@@ -169,3 +170,55 @@ def test_fair_esm_cache_hazard_is_real():
     model.to(torch.bfloat16)  # what users do; the cache survives
     q, _ = rot(x.bfloat16(), x.bfloat16())
     assert q.dtype == torch.float32  # silently promoted
+
+
+def fp16_rounded_release(tmp_path, arch=TINY, half_dtype=False):
+    """A checkpoint in the released format whose rotary ``inv_freq`` is fp16-rounded, as in the
+    released ESM-2 files (stored as float32 holding fp16 values, or as a float16 tensor)."""
+    src = build_random(arch, seed=2)
+    for layer in src.layers:
+        rot = layer.self_attn.rot_emb
+        rot.inv_freq = rot.inv_freq.half() if half_dtype else rot.inv_freq.half().float()
+    path = tmp_path / "esm2_release.pt"
+    return path, write_checkpoint(path, src, arch)
+
+
+@pytest.mark.filterwarnings("ignore:Regression weights not found")
+@pytest.mark.parametrize("half_dtype", [False, True], ids=["fp32-buffer", "fp16-buffer"])
+def test_loaded_inv_freq_is_kept_through_precision_switches(tmp_path, half_dtype):
+    path, data = fp16_rounded_release(tmp_path, half_dtype=half_dtype)
+    model, _, _ = load_model(None, str(path))
+    ref, _ = esm.pretrained.load_model_and_alphabet_core("esm2_custom", data, None)  # fair-esm's own loader
+    rounded = models.canonical_inv_freq(16).half()
+    assert not torch.equal(rounded.float(), models.canonical_inv_freq(16))  # the file really differs from the definition
+    cpu = torch.device("cpu")
+    for dtype in (torch.bfloat16, torch.float32, torch.float64, torch.bfloat16, torch.float32):
+        set_precision(model, cpu, dtype)
+        want = ref.layers[1].self_attn.rot_emb.inv_freq.to(dtype)  # what model.to(dtype) gives fair-esm's model
+        got = model.layers[1].self_attn.rot_emb.inv_freq
+        assert got.dtype == dtype and torch.equal(got, want), dtype
+        assert torch.equal(got.double(), rounded.double().to(dtype).double())
+
+
+@pytest.mark.filterwarnings("ignore:Regression weights not found")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_traced_unpacked_path_is_fair_esm_as_loaded(tmp_path, dtype):
+    """The traced unpacked final_norm is bitwise fair-esm's own loader + forward on a released-format
+    checkpoint with an fp16-rounded inv_freq (rewriting the buffer from its definition moved it)."""
+    from tests.conftest import mixed_batch, run
+    from tracer.store import open_trace
+
+    path, data = fp16_rounded_release(tmp_path)
+    seqs = mixed_batch(long=300)
+    result = run(tmp_path, seqs, model=None, weights=str(path), dtype=dtype, reference="none")
+    ref, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2_custom", data, None)
+    ref = ref.eval().to(getattr(torch, dtype))
+    _, _, tokens = alphabet.get_batch_converter()([(s.id, s.residues) for s in seqs])
+    with torch.inference_mode():
+        out = ref(tokens, repr_layers=[TINY.num_layers])["representations"][TINY.num_layers]  # (B, T, E)
+    want = torch.cat([out[i, : s.length + 2] for i, s in enumerate(seqs)])  # canonical rows
+    with open_trace(result.path) as t:
+        got = t.tap("unpacked", "final_norm")
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        if dtype == "float32":  # the packed path's float32 RoPE uses the same loaded frequencies
+            assert torch.equal(t.tap("packed", "layers.0.q_rope"), t.tap("unpacked", "layers.0.q_rope"))

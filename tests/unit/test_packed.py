@@ -5,7 +5,7 @@ import torch
 from tests.conftest import mixed_batch
 from tracer.attention import resolve
 from tracer.faults import Faults
-from tracer.models import set_precision
+from tracer.models import loaded_inv_freq, set_precision
 from tracer.packed import PackedESM2, Rope
 from tracer.paths import encode, run_packed, run_unpacked
 from tracer.taps import tap_names
@@ -56,9 +56,9 @@ def test_model_rope_matches_fair_esm_rotary_module(small_model):
     torch.manual_seed(0)
     q = torch.randn(400, 20, 16).bfloat16()  # (N, H, d) one sequence
     want_q, _ = rot(q.transpose(0, 1), q.transpose(0, 1))  # fair-esm: (B*H, T, d)
-    rope = Rope("model", torch.arange(400), rot.inv_freq, 16)
+    rope = Rope("model", torch.arange(400), rot.inv_freq)
     assert torch.equal(rope(q).transpose(0, 1), want_q)
-    fp32 = Rope("fp32", torch.arange(400), rot.inv_freq, 16)
+    fp32 = Rope("fp32", torch.arange(400), loaded_inv_freq(rot))
     assert not torch.equal(fp32(q).transpose(0, 1), want_q)  # bf16 positions/frequencies differ
 
 
