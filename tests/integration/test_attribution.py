@@ -43,13 +43,27 @@ def test_no_fault_float32_long_batch_agrees_under_noise_rule(tmp_path):
     assert s.verdict == "agree" and s.attribution.drifting == "neither"
 
 
-def test_bfloat16_rounding_noise_is_not_divergence(tmp_path):
-    # packed RoPE computed like fair-esm's: the paths differ by rounding only
-    s = run(tmp_path, debug_batch(400), dtype="bfloat16", packed_rope="model").summary
-    assert s.rule.kind == "noise" and s.context["reference"] == "float32"
-    assert s.verdict == "agree"
-    # and the rule is not blind: every tap had a finite, positive bar
-    assert all(t.threshold > 0 and np.isfinite(t.threshold) for t in s.taps)
+@pytest.mark.parametrize("path", ["packed", "unpacked"])
+def test_noise_rule_sensitivity_around_the_bar(tmp_path, path):
+    """bfloat16, packed RoPE like fair-esm's: a perturbation of 0.3 x the tap's bar is not
+    reported, one of 3 x the bar is, at the planted tap and token, blamed on the planted path.
+    (Sizes are relative L2 of the change; the bar is the fault-free run's K x noise.)"""
+    common = dict(dtype="bfloat16", packed_rope="model", metrics_only=True, force=True)
+    tap, medium, token = "layers.5.ffn_out", 2, 15
+    clean = run(tmp_path, debug_batch(40), **common).summary
+    assert clean.rule.kind == "noise" and clean.verdict == "agree"
+    bar = next(t.threshold for t in clean.taps if t.name == tap)
+    assert 0 < bar < 0.1  # a real bar: bfloat16 noise times K, not zero, not blind
+    for factor in (0.3, 3.0):
+        fault = Faults(perturbations=(Perturbation(path, tap, medium, token, eps=factor * bar),))
+        s = run(tmp_path, debug_batch(40), faults=fault, **common).summary
+        fd = s.first_divergence
+        if factor < 1:
+            assert fd is None, f"0.3 x bar reported at {fd.where()}"
+        else:
+            assert (fd.layer, fd.tap, fd.sequence, fd.token) == (5, "ffn_out", "medium", token)
+            assert fd.rel_l2 == pytest.approx(factor * bar, rel=0.2)  # bfloat16 rounding of the planted change
+            assert s.attribution.at_divergence["off"] == path
 
 
 def test_bfloat16_fair_esm_rope_is_what_drifts(tmp_path):

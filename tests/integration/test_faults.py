@@ -7,8 +7,11 @@ to ~5e-7, so the plain rule's 1e-3 bar sees nothing but the planted fault.
 import pytest
 
 from tests.conftest import run
+from tracer.compare import stored_table
 from tracer.faults import Faults, Perturbation
-from tracer.sequences import debug_batch
+from tracer.packing import PACK_ORDERS
+from tracer.sequences import debug_batch, make_batch, motif_sequence
+from tracer.store import open_trace
 
 TINY, SMALL, MEDIUM, LARGE = range(4)
 
@@ -41,3 +44,25 @@ def test_no_fault_no_divergence_float32(tmp_path):
     assert result.summary.verdict == "agree" and result.summary.first_divergence is None
     worst = max(s.max_rel_l2 for s in result.summary.taps)
     assert worst < 1e-5  # what 'agree' means here: float32 rounding only (measured 5e-7)
+
+
+ORDER_BATCH = [("a", 5), ("b", 30), ("c", 12)]  # every pack order puts them differently: abc, cba, bca, acb
+
+
+@pytest.mark.parametrize("order", PACK_ORDERS)
+@pytest.mark.parametrize("path", ["packed", "unpacked"])
+def test_perturbation_lands_on_the_planted_token_under_every_pack_order(tmp_path, order, path):
+    seqs = make_batch([(name, motif_sequence(n)) for name, n in ORDER_BATCH])
+    faults = Faults(perturbations=(Perturbation(path, "layers.1.ffn_out", 2, 4), Perturbation(path, "layers.3.v", 1, 10)))
+    s = run(tmp_path, seqs, dtype="float32", pack_order=order, reference="fp64", faults=faults).summary
+    fd = s.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == (1, "ffn_out", "c", 4)
+    assert s.attribution.drifting == path
+    first = getattr(s.attribution, path)
+    assert (first.layer, first.tap, first.sequence, first.token) == (1, "ffn_out", "c", 4)
+    # the second perturbation, at a later layer: its own tap and token diverge, alone among b's tokens there
+    v = next(t for t in s.taps if t.name == "layers.3.v")
+    assert v.diverged_tokens >= 1
+    with open_trace(s.trace) as t:
+        rel = stored_table(t).pairs["packed-vs-unpacked"]["rel_l2"][t.meta["taps"].index("layers.3.v"), t.token_slice("b")]
+    assert int(rel.argmax()) == 10
