@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import h5py
 import pytest
@@ -164,16 +165,48 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, exc):
     assert not list(tmp_path.iterdir())  # neither the trace nor its .partial
 
 
+SLOW_PACKED_PATH = """
+import sys, time
+from tracer import tracing
+from tracer.run import main
+
+def stuck(*args, **kwargs):  # the packed path never finishes: Ctrl-C must find the run mid-flight
+    print("tracer: packed path under way", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(0.05)
+
+tracing.run_packed = stuck
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _default_sigint():
+    # the suite may run where SIGINT is ignored (a background job of a non-interactive shell):
+    # the child would inherit SIG_IGN and Python would install no KeyboardInterrupt handler
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_a_real_run(tmp_path):
     out = tmp_path / "t.h5"
-    cmd = [sys.executable, "-m", "tracer.run", "--model", "esm2_t30_150M_UR50D", "--weights", "random",
-           "--device", "cpu", "--seq-len", "400", "--out", str(out)]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    for line in p.stderr:  # wait until the forwards are under way
-        if "packed path" in line:
-            break
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    cmd = [sys.executable, "-c", SLOW_PACKED_PATH, "--model", SMALL, "--weights", "random", "--device", "cpu",
+           "--seq-len", "20", "--out", str(out)]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    watchdog = threading.Timer(120, p.kill)  # never hang the suite on a child that misses the signal
+    watchdog.start()
+    try:
+        seen = []
+        for line in p.stderr:  # wait until the unpacked path is done and the packed one under way
+            seen.append(line)
+            if "packed path under way" in line:
+                break
+        assert partial_path(out).exists(), seen  # there is a half-written trace to clean up
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     assert p.returncode == 130, err
     assert "tracer: interrupted (no trace was written)" in err and "Traceback" not in err
     assert not out.exists() and not partial_path(out).exists()
