@@ -187,7 +187,11 @@ def _deterministic():
     torch.use_deterministic_algorithms(True, warn_only=True)
     det.fill_uninitialized_memory = False
     try:
-        yield
+        yield {  # what torch reports now, recorded in the trace (not what was asked for)
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "fill_uninitialized_memory": bool(det.fill_uninitialized_memory),
+        }
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         det.fill_uninitialized_memory = saved[2]
@@ -238,7 +242,6 @@ def run_meta(config: RunConfig, arch, weights, dtype, ref_dtype, backend, names:
         "compression": config.compression,
         "faults": config.faults.to_dict(),
         "faults_description": config.faults.describe(),
-        "deterministic_algorithms": True,
         "environment": environment(device),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -361,7 +364,7 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
     run_paths = ["unpacked", "packed"] + (["reference"] if ref_dtype is not None else [])
     names = plan.names
 
-    with TraceWriter(plan.out, force=config.force, compression=config.compression) as writer, _deterministic(), torch.inference_mode():
+    with TraceWriter(plan.out, force=config.force, compression=config.compression) as writer, _deterministic() as determinism, torch.inference_mode():
         writer.write_sequences(batch.ids, [s.residues for s in sequences], [s.length for s in sequences], batch.layout)
         async_writer = None
         clock = _Clock(device, timings)
@@ -379,6 +382,7 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
             if packed_builtin is None:
                 meta["packed_rope"] = "plug-in's own"
             meta["uncaptured"] = missing
+            meta.update(determinism)  # what torch reports during the run
             say(
                 f"{arch.name} {dtype_name(dtype)} on {meta['environment']['device_name']} ({device}); attention {plan.backend.name}; "
                 f"reference {meta['reference_dtype'] or 'none'}; {len(names)} taps x {batch.layout.n_tokens} tokens"

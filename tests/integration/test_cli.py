@@ -63,3 +63,18 @@ def test_planted_fault_from_the_command_line(tmp_path):
 def test_help():
     r = cli("tracer.run", "--help")
     assert r.returncode == 0 and "--seq-len" in r.stdout and "--weights" in r.stdout
+
+
+def test_determinism_metadata_is_what_torch_reports(tmp_path, monkeypatch):
+    import torch
+
+    from tests.conftest import run
+    from tracer.sequences import debug_batch
+
+    r = run(tmp_path, debug_batch(10), name="a.h5", metrics_only=True)
+    with open_trace(r.path) as t:
+        assert (t.meta["deterministic_algorithms"], t.meta["deterministic_warn_only"], t.meta["fill_uninitialized_memory"]) == (True, True, False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)  # a torch that ignores the request
+    r = run(tmp_path, debug_batch(10), name="b.h5", metrics_only=True)
+    with open_trace(r.path) as t:
+        assert t.meta["deterministic_algorithms"] is False  # recorded as measured, not as intended
