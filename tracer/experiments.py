@@ -115,14 +115,31 @@ class Row:
         return dataclasses.asdict(self)
 
 
-def has_plugins() -> bool:
-    """Whether this tracer's :class:`RunConfig` has the plug-in path fields (issue 9)."""
-    return "packed" in {f.name for f in dataclasses.fields(RunConfig)}
-
-
 def packed_spec(config: RunConfig) -> str:
-    spec = getattr(config, "packed", "builtin")
+    """The packed path as words: ``builtin``, the plug-in SPEC, or ``callable <name>``."""
+    return _spec(getattr(config, "packed", "builtin"))
+
+
+def unpacked_spec(config: RunConfig) -> str:
+    """The unpacked path as words: ``fair-esm``, the plug-in SPEC, or ``callable <name>``."""
+    return _spec(getattr(config, "unpacked", "fair-esm"))
+
+
+def _spec(spec) -> str:
     return spec if isinstance(spec, str) else f"callable {getattr(spec, '__qualname__', spec)!r}"
+
+
+def plugin_kwargs(args) -> dict:
+    """``packed``/``unpacked`` for :class:`RunConfig`, passed straight through where it has them."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    out = {}
+    for name, default in (("packed", "builtin"), ("unpacked", "fair-esm")):
+        value = getattr(args, name)
+        if name in fields:
+            out[name] = value
+        elif value != default:
+            raise TracerError(f"--{name} {value}: this tracer has no plug-in {name} paths yet (only {default})")
+    return out
 
 
 def longest(sequences) -> Sequence:
@@ -166,8 +183,12 @@ def plan(base: RunConfig, sequences: list[Sequence]) -> list[Variant]:
     h_mod = "the packed RoPE differs from fair-esm's rotary module"
     c_mod = "module level: packed rotation vs fair-esm's rot_emb on the same Q/K of layer 0; float64 reference"
     v.append(Variant("rope-module", h_mod, c_mod, "probe-rope") if builtin else na("rope-module", h_mod, c_mod, plugin_na))
-    v.append(run("rope-unpacked-fp32", "fair-esm's RoPE in the model dtype (the fix a user would try)",
-                 "unpacked: fair-esm's RoPE in float32 for this run (buffers untouched)", rope_fp32_unpacked=True))
+    h_u = "fair-esm's RoPE in the model dtype (the fix a user would try)"
+    c_u = "unpacked: fair-esm's RoPE in float32 for this run (buffers untouched)"
+    if unpacked_spec(base) == "fair-esm":
+        v.append(run("rope-unpacked-fp32", h_u, c_u, rope_fp32_unpacked=True))
+    else:
+        v.append(na("rope-unpacked-fp32", h_u, c_u, f"does not apply: the unpacked path is the plug-in {unpacked_spec(base)}, not fair-esm's"))
 
     h_attn = "the attention kernel"
     for name in FLASH_BACKENDS:
@@ -216,7 +237,7 @@ def plan_key(base: RunConfig, sequences, variants: list[Variant], weights_finger
         "model": base.model, "weights": base.weights, "weights_fingerprint": weights_fingerprint, "seed": base.seed,
         "device": base.device, "dtype": base.dtype, "attn": base.attn, "packed_rope": base.packed_rope,
         "reference": base.reference, "pack_order": base.pack_order, "packed": packed_spec(base),
-        "faults": base.faults.to_dict(), "sequences": digest, "variants": [x.name for x in variants], "tensors": tensors,
+        "unpacked": unpacked_spec(base), "faults": base.faults.to_dict(), "sequences": digest, "variants": [x.name for x in variants], "tensors": tensors,
     }
 
 
@@ -250,8 +271,6 @@ def _run_variant(v: Variant, loaded, path: Path, base_batch_seqs) -> Row:
 def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: bool = False, tensors: bool = False,
                quiet: bool = False, loaded=None) -> dict:
     """Run (or resume) the matrix into ``out``; returns the summary record (also written to ``out``)."""
-    if not has_plugins() and getattr(base, "packed", "builtin") != "builtin":
-        raise TracerError("this tracer has no plug-in packed paths yet")
     variants = plan(base, sequences)
     check_folder(Path(out), TOOL, force)  # before a long model load
     say = (lambda m: None) if quiet else (lambda m: print(f"tracer: {m}", file=sys.stderr, flush=True))
@@ -317,6 +336,7 @@ def summary_record(base: RunConfig, arch, weights, sequences, rows: list[dict]) 
         "dtype": base.dtype,
         "reference": base.reference,
         "packed": packed_spec(base),
+        "unpacked": unpacked_spec(base),
         "faults": base.faults.describe(),
         "sequences": [{"id": s.id, "length": s.length} for s in sequences],
         "focus": long.id,
@@ -333,7 +353,7 @@ def format_markdown(record: dict) -> str:
     seqs = ", ".join(f"{s['id']} ({s['length']})" for s in record["sequences"])
     lines = [
         f"model {record['model']} ({record['weights']}), {record['dtype']}, device {record['device']}, "
-        f"reference {record['reference']}, packed path {record['packed']}; faults: {record['faults']}",
+        f"reference {record['reference']}, packed path {record['packed']}, unpacked path {record['unpacked']}; faults: {record['faults']}",
         f"sequences {seqs}; cosines: mean-pooled final embeddings of {focus}",
         "",
         "| variant | hypothesis | what changed | first divergence | drifting | cos P-U | cos P-ref | cos U-ref |",
@@ -374,6 +394,7 @@ def build_parser() -> Parser:
     m.add_argument("--reference", choices=REFERENCES, default="auto", help="reference path (default auto)")
     m.add_argument("--pack-order", choices=PACK_ORDERS, default="given", help="baseline pack order (default given)")
     m.add_argument("--packed", default="builtin", metavar="SPEC", help="packed path: builtin, or a plug-in (as tracer.run --packed)")
+    m.add_argument("--unpacked", default="fair-esm", metavar="SPEC", help="unpacked path: fair-esm, or a plug-in (as tracer.run --unpacked)")
     m.add_argument("--fault", action="append", default=[], metavar="NAME[@LAYERS]", help=f"plant a known bug in every variant (validation): {', '.join(FAULT_NAMES)}")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR", help="output folder (default experiments/<model>-<dtype>-L<lengths>); rerun to resume")
@@ -391,11 +412,7 @@ def base_config(args, sequences, command: tuple[str, ...]) -> RunConfig:
         reference=args.reference, pack_order=args.pack_order,
         faults=parse_faults(args.fault, [s.id for s in sequences]), command=command,
     )
-    if has_plugins():
-        kwargs["packed"] = args.packed
-    elif args.packed != "builtin":
-        raise TracerError(f"--packed {args.packed}: this tracer has no plug-in packed paths yet (only builtin)")
-    return RunConfig(**kwargs)
+    return RunConfig(**kwargs, **plugin_kwargs(args))
 
 
 def sequences_from(args) -> list[Sequence]:

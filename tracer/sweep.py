@@ -39,7 +39,7 @@ from tracer.campaign import Campaign, Progress, TraceFacts, check_folder, fmt_co
 from tracer.cli import Parser, main_guard
 from tracer.env import DTYPES
 from tracer.errors import TracerError
-from tracer.experiments import has_plugins, packed_spec
+from tracer.experiments import packed_spec, plugin_kwargs, unpacked_spec
 from tracer.faults import FAULT_NAMES, parse_faults
 from tracer.models import ARCHITECTURES, DEFAULT_MODEL
 from tracer.packed import ROPE_MODES
@@ -124,8 +124,8 @@ def run_sweep(base: RunConfig, lengths: list[int], out: Path, force: bool = Fals
     key = {
         "model": base.model, "weights": base.weights, "weights_fingerprint": weights.fingerprint, "seed": base.seed,
         "device": base.device, "dtype": base.dtype, "attn": base.attn, "packed_rope": base.packed_rope,
-        "reference": base.reference, "packed": packed_spec(base), "faults": base.faults.to_dict(),
-        "lengths": lengths, "tensors": tensors,
+        "reference": base.reference, "packed": packed_spec(base), "unpacked": unpacked_spec(base),
+        "faults": base.faults.to_dict(), "lengths": lengths, "tensors": tensors,
     }
     camp = Campaign(out, TOOL, key, force)
     progress = Progress(len(lengths), sum(camp.is_done(f"L{n:05d}") for n in lengths), quiet)
@@ -145,7 +145,7 @@ def run_sweep(base: RunConfig, lengths: list[int], out: Path, force: bool = Fals
         "tool": TOOL, "model": arch.name, "num_layers": arch.num_layers, "weights": weights.describe(),
         "weights_fingerprint": weights.fingerprint, "device": base.device, "dtype": base.dtype,
         "packed_rope": base.packed_rope, "attn": base.attn, "reference": base.reference, "packed": packed_spec(base),
-        "faults": base.faults.describe(), "sites": list(sites), "rows": rows, "cliffs": find_cliffs(rows, sites),
+        "unpacked": unpacked_spec(base), "faults": base.faults.describe(), "sites": list(sites), "rows": rows, "cliffs": find_cliffs(rows, sites),
         "cosine": "mean-pooled final embeddings (residues only), float64",
     }
     write_json_atomic(out / "summary.json", record)
@@ -160,7 +160,7 @@ def format_markdown(record: dict) -> str:
     lines = [
         f"model {record['model']} ({record['weights']}), {record['dtype']}, device {record['device']}, attention "
         f"{record['attn']}, packed RoPE {record['packed_rope']}, reference {record['reference']}, packed path "
-        f"{record['packed']}; faults: {record['faults']}",
+        f"{record['packed']}, unpacked path {record['unpacked']}; faults: {record['faults']}",
         "one sequence per length (MKTAYIAK repeated), alone; 1-cos: mean-pooled final embeddings",
         "",
         "| length | verdict | first divergence | drifting | " + " | ".join(f"first layer {s}" for s in sites)
@@ -270,6 +270,7 @@ def build_parser() -> Parser:
     m.add_argument("--packed-rope", choices=ROPE_MODES, default="fp32", help="packed RoPE (default fp32)")
     m.add_argument("--reference", choices=REFERENCES, default="auto", help="reference path (default auto)")
     m.add_argument("--packed", default="builtin", metavar="SPEC", help="packed path: builtin, or a plug-in (as tracer.run --packed)")
+    m.add_argument("--unpacked", default="fair-esm", metavar="SPEC", help="unpacked path: fair-esm, or a plug-in (as tracer.run --unpacked)")
     m.add_argument("--fault", action="append", default=[], metavar="NAME[@LAYERS]", help=f"plant a known bug (validation): {', '.join(FAULT_NAMES)}")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR", help="output folder (default sweeps/<model>-<dtype>-<lengths>); rerun to resume")
@@ -294,11 +295,7 @@ def main(argv=None) -> int:
         faults=parse_faults(args.fault, [f"L{n}" for n in lengths]),
         command=tuple(["python", "-m", TOOL, *(sys.argv[1:] if argv is None else argv)]),
     )
-    if has_plugins():
-        kwargs["packed"] = args.packed
-    elif args.packed != "builtin":
-        raise TracerError(f"--packed {args.packed}: this tracer has no plug-in packed paths yet (only builtin)")
-    base = RunConfig(**kwargs)
+    base = RunConfig(**kwargs, **plugin_kwargs(args))
     model = args.model or (Path(args.weights).stem if args.weights not in ("auto", "random") else DEFAULT_MODEL)
     out = Path(args.out) if args.out else Path("sweeps") / f"{model}-{args.dtype}-{lengths[0]}-{lengths[-1]}-n{len(lengths)}"
     torch.set_grad_enabled(False)
