@@ -207,7 +207,9 @@ def plan(base: RunConfig, sequences: list[Sequence]) -> list[Variant]:
 
     h_pack = "packing several sequences together"
     if len(sequences) > 1:
-        v.append(run("packing-alone", h_pack, f"{long.id} traced alone", sequences=(long,)))
+        alone_faults = dataclasses.replace(base.faults, perturbations=tuple(  # planted perturbations of the long one follow it
+            dataclasses.replace(p, sequence=0) for p in base.faults.perturbations if p.sequence == seqs.index(long)))
+        v.append(run("packing-alone", h_pack, f"{long.id} traced alone", sequences=(long,), faults=alone_faults))
     else:
         v.append(na("packing-alone", h_pack, "longest sequence alone", "the batch has one sequence"))
     h_order = "the sequence's place in the pack"
@@ -332,7 +334,7 @@ def summary_record(base: RunConfig, arch, weights, sequences, rows: list[dict]) 
         "model": arch.name,
         "weights": weights.describe(),
         "weights_fingerprint": weights.fingerprint,
-        "device": base.device,
+        "device": str(resolve_device(base.device)),
         "dtype": base.dtype,
         "reference": base.reference,
         "packed": packed_spec(base),

@@ -37,7 +37,7 @@ import torch
 from tracer import attention, models
 from tracer.campaign import Campaign, Progress, TraceFacts, check_folder, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, main_guard
-from tracer.env import DTYPES
+from tracer.env import DTYPES, resolve_device
 from tracer.errors import TracerError
 from tracer.experiments import packed_spec, plugin_kwargs, unpacked_spec
 from tracer.faults import FAULT_NAMES, parse_faults
@@ -143,7 +143,7 @@ def run_sweep(base: RunConfig, lengths: list[int], out: Path, force: bool = Fals
     rows = [camp.done[f"L{n:05d}"] for n in lengths]
     record = {
         "tool": TOOL, "model": arch.name, "num_layers": arch.num_layers, "weights": weights.describe(),
-        "weights_fingerprint": weights.fingerprint, "device": base.device, "dtype": base.dtype,
+        "weights_fingerprint": weights.fingerprint, "device": str(resolve_device(base.device)), "dtype": base.dtype,
         "packed_rope": base.packed_rope, "attn": base.attn, "reference": base.reference, "packed": packed_spec(base),
         "unpacked": unpacked_spec(base), "faults": base.faults.describe(), "sites": list(sites), "rows": rows, "cliffs": find_cliffs(rows, sites),
         "cosine": "mean-pooled final embeddings (residues only), float64",
@@ -289,6 +289,8 @@ def main(argv=None) -> int:
     bad = [s for s in sites if s not in (*SITES, "embed", "final_norm")]
     if bad or not sites:
         raise TracerError(f"--sites: unknown site {bad[0] if bad else args.sites!r}; sites: {', '.join([*SITES, 'embed', 'final_norm'])}")
+    if any(f.startswith("perturb:") for f in args.fault):
+        raise TracerError("--fault perturb:... names one sequence and token; the sweep traces a new sequence per length (plant a switch such as positions-bf16)")
     kwargs = dict(
         model=args.model, weights=args.weights, seed=args.seed, trust_checkpoint=args.trust_checkpoint,
         device=args.device, dtype=args.dtype, attn=args.attn, packed_rope=args.packed_rope, reference=args.reference,
