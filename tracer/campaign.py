@@ -35,10 +35,18 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
 
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give (``mkstemp`` files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -219,4 +227,6 @@ def fmt_cos(c) -> str:
     c = float(c)
     if c != c:
         return "nan"
-    return f"1-{1 - c:.1e}" if 0 < 1 - c < 1e-4 else ("1" if c == 1 else f"{c:.6f}")
+    if c >= 1:
+        return "1" if c == 1 else f"1+{c - 1:.1e}"
+    return f"1-{1 - c:.1e}" if 1 - c < 1e-4 else f"{c:.6f}"

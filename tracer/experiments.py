@@ -318,13 +318,20 @@ def removers(rows: list[dict]) -> list[str]:
 
 
 def conclusion(rows: list[dict]) -> str:
+    """The last line: which variants remove the divergence, and whether they do it by fixing or by sharing the error."""
     base = next(r for r in rows if r["name"] == "baseline")
     if base["verdict"] != "diverged":
         return "the baseline agrees: there is no divergence to remove"
     names = removers(rows)
     if not names:
         return "no variant removes the divergence"
-    return "removes the divergence: " + "; ".join(f"{n} ({next(r['change'] for r in rows if r['name'] == n)})" for n in names)
+    parts = []
+    for n in names:
+        r = next(r for r in rows if r["name"] == n)
+        how = {"neither": "both paths on the reference", None: "no reference"}.get(
+            r["drifting"], f"the paths agree but {r['drifting']} drift{'s' if r['drifting'] != 'both' else ''} from the reference")
+        parts.append(f"{n} ({r['change']}; {how})")
+    return "removes the divergence: " + "; ".join(parts)
 
 
 def summary_record(base: RunConfig, arch, weights, sequences, rows: list[dict]) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from tracer import attention, models
-from tracer.campaign import Campaign, Progress, TraceFacts, check_folder, fmt_cos, where, write_atomic, write_json_atomic
+from tracer.campaign import Campaign, Progress, TraceFacts, check_folder, file_mode, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, main_guard
 from tracer.env import DTYPES, resolve_device
 from tracer.errors import TracerError
@@ -206,7 +206,8 @@ def plot_sweep(record: dict, out: Path) -> list[Path]:
         for r in rows:
             v = r["first_layer_by_site"].get(site)
             y.append(never if v is None else (v if v != -1 else (0 if site == "embed" else never - 1)))
-        top.plot(x, y, marker="o", ms=4, lw=1.2, color=colors[k % 10], label=site)
+        shift = (k - (len(record["sites"]) - 1) / 2) * 0.07  # overlapping lines stay visible
+        top.plot(x, [v + shift for v in y], marker="o", ms=4, lw=1.2, color=colors[k % 10], label=site)
         e = [r["max_rel_l2_by_site"].get(site) for r in rows]
         middle.plot(x, [max(v, 1e-12) if v is not None else float("nan") for v in e], marker="o", ms=4, lw=1.2,
                     color=colors[k % 10], label=site)
@@ -241,6 +242,7 @@ def plot_sweep(record: dict, out: Path) -> list[Path]:
         fd, tmp = tempfile.mkstemp(dir=out, prefix=".sweep.", suffix=f".{ext}")
         os.close(fd)
         try:
+            os.chmod(tmp, file_mode())
             fig.savefig(tmp, dpi=120, format=ext)
             os.replace(tmp, dest)
         except BaseException:
