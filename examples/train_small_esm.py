@@ -160,8 +160,17 @@ def main(argv=None) -> int:
     offsets = [int(x) for x in args.offsets.split(",")]
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+            return train(args, out, offsets, device)
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
+
+def train(args, out: Path, offsets: list[int], device: torch.device) -> int:
+    """The training run (seeded; the caller restores the global RNG and deterministic settings)."""
     from esm.model.esm2 import ESM2
 
     torch.manual_seed(args.seed)

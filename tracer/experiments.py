@@ -443,9 +443,9 @@ def main(argv=None) -> int:
     command = tuple(["python", "-m", TOOL, *(sys.argv[1:] if argv is None else argv)])
     base = base_config(args, sequences, command)
     out = Path(args.out) if args.out else default_out(args, sequences)
-    torch.set_grad_enabled(False)
     try:
-        record = run_matrix(base, sequences, out, force=args.force, tensors=args.tensors, quiet=args.quiet)
+        with torch.no_grad():
+            record = run_matrix(base, sequences, out, force=args.force, tensors=args.tensors, quiet=args.quiet)
     except KeyboardInterrupt:
         print(f"tracer: interrupted; finished variants are kept in {out}; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -302,12 +302,12 @@ def main(argv=None) -> int:
     base = RunConfig(**kwargs, **plugin_kwargs(args))
     model = args.model or (Path(args.weights).stem if args.weights not in ("auto", "random") else DEFAULT_MODEL)
     out = Path(args.out) if args.out else Path("sweeps") / f"{model}-{args.dtype}-{lengths[0]}-{lengths[-1]}-n{len(lengths)}"
-    torch.set_grad_enabled(False)
     from tracer.plot import use_file_backend
 
     use_file_backend()
     try:
-        record = run_sweep(base, lengths, out, force=args.force, tensors=args.tensors, quiet=args.quiet, sites=sites)
+        with torch.no_grad():
+            record = run_sweep(base, lengths, out, force=args.force, tensors=args.tensors, quiet=args.quiet, sites=sites)
     except KeyboardInterrupt:
         print(f"tracer: interrupted; finished lengths are kept in {out}; rerun the same command to resume", file=sys.stderr)
         return 130
