@@ -126,7 +126,7 @@ def unpacked_spec(config: RunConfig) -> str:
 
 
 def _spec(spec) -> str:
-    return spec if isinstance(spec, str) else f"callable {getattr(spec, '__qualname__', spec)!r}"
+    return spec if isinstance(spec, str) else f"callable {getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', spec)}"
 
 
 def plugin_kwargs(args) -> dict:
@@ -173,8 +173,9 @@ def plan(base: RunConfig, sequences: list[Sequence]) -> list[Variant]:
     def na(name, hypothesis, change, note) -> Variant:
         return Variant(name, hypothesis, change, "n/a", note=note)
 
-    v = [Variant("baseline", "(the configuration as given)", f"as given: {base.dtype}, attention {base_backend}, packed RoPE {base.packed_rope}, "
-                 f"pack order {base.pack_order}, packed path {packed_spec(base)}", "trace", base, seqs)]
+    inside = f"attention {base_backend}, packed RoPE {base.packed_rope}" if builtin else "its own RoPE and attention"
+    v = [Variant("baseline", "(the configuration as given)", f"as given: {base.dtype}, packed path {packed_spec(base)} ({inside}), "
+                 f"pack order {base.pack_order}", "trace", base, seqs)]
 
     other_rope = "model" if base.packed_rope == "fp32" else "fp32"
     h_rope = "packed RoPE precision: fp32 vs the model dtype"
@@ -192,7 +193,7 @@ def plan(base: RunConfig, sequences: list[Sequence]) -> list[Variant]:
 
     h_attn = "the attention kernel"
     for name in FLASH_BACKENDS:
-        if name == base_backend:
+        if name == base_backend and builtin:
             continue
         why = _backend_ok(name, device, base.dtype)
         if not builtin:
@@ -225,7 +226,7 @@ def plan(base: RunConfig, sequences: list[Sequence]) -> list[Variant]:
         if dtype == base.dtype:
             v.append(Variant(name, h_prec, f"both paths {dtype} (the baseline's)", "same"))
             continue
-        attn = base.attn if not _backend_ok(base.attn, device, dtype) else "math"
+        attn = base.attn if not builtin or not _backend_ok(base.attn, device, dtype) else "math"
         ref = "fp64" if dtype == "float32" and base.reference in ("auto", "fp32") else base.reference
         change = f"both paths {dtype}" + (f", reference {ref}" if ref != base.reference else "") + (f", attention {attn}" if attn != base.attn else "")
         v.append(run(name, h_prec, change, dtype=dtype, attn=attn, reference=ref))

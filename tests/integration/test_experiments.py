@@ -1,6 +1,5 @@
 """tracer.experiments and tracer.sweep end to end on a tiny seeded ESM-2 (CPU), resume included."""
 
-import dataclasses
 import json
 
 import pytest
@@ -145,11 +144,9 @@ def test_folders_that_are_not_ours_are_refused(tmp_path):
     (["--lengths", "50:10"], "START:STOP:STEP"),
     (["--lengths", "0:10:5"], "positive"),
     (["--sites", "nope"], "unknown site"),
-    (["--packed", "my.mod:factory"], "plug-in"),
-], ids=["bad-range", "zero", "site", "plugin"])
+    (["--fault", "perturb:packed:layers.0.ctx:L50:3"], "one sequence and token"),
+], ids=["bad-range", "zero", "site", "perturb"])
 def test_sweep_cli_errors_are_one_line(argv, message, capsys):
-    if argv[0] == "--packed" and "packed" in {f.name for f in dataclasses.fields(RunConfig)}:
-        pytest.skip("plug-in paths exist: --packed is passed through")
     assert sweep.main(["--device", "cpu", "--weights", "random", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tracer: error:") and message in err and len(err.strip().splitlines()) == 1
@@ -178,3 +175,19 @@ def test_experiments_cli_on_a_checkpoint_with_a_planted_fault(tmp_path, capsys):
     assert experiments.main([*argv[:-4], "--out", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tracer: error:") and "not a tracer.experiments folder" in err
+
+
+def test_matrix_with_a_plugin_packed_path_says_what_does_not_apply(tmp_path, tiny):
+    from pathlib import Path
+
+    adapter = f"{Path(__file__).resolve().parents[2] / 'examples' / 'packed_esm2_adapter.py'}:make_forward"
+    seqs = make_batch([("short", motif_sequence(12)), ("long", motif_sequence(40))])
+    record = experiments.run_matrix(base(dtype="float32", reference="fp64", packed=adapter), seqs, tmp_path / "exp",
+                                    quiet=True, loaded=tiny)
+    rows = {r["name"]: r for r in record["rows"]}
+    for name in ("rope-packed-model", "rope-module", "attn-math", "attn-module"):
+        assert rows[name]["kind"] == "n/a" and "does not apply: the packed path is the plug-in" in rows[name]["note"], name
+    for name in ("baseline", "rope-unpacked-fp32", "packing-alone", "order-long-first", "precision-bfloat16"):
+        assert rows[name]["kind"] == "trace" and rows[name]["verdict"] in ("agree", "diverged"), name
+    assert rows["baseline"]["verdict"] == "agree" and record["packed"] == adapter
+    assert rows["baseline"]["cos"]["packed-vs-unpacked"]["long"] == pytest.approx(1.0, abs=1e-6)
