@@ -17,6 +17,8 @@ Layout (schema version 1)::
     /metrics/taps              (T,) str     tap names, walk order
     /metrics/<pair>/<metric>   (T, N) float32 per-token metrics (pair like "packed-vs-unpacked")
     /local/...                 same shape, per-layer re-runs (tracer.run --local)
+    /embeddings/<path>         (S, E) float64 final_norm averaged over each sequence's residues
+                               (tracer.embeddings), when final_norm was traced
 
 Tensors are stored losslessly in the dtype they were computed in. HDF5 has no bfloat16, so a
 bfloat16 tap is stored as its raw 16-bit patterns in a ``uint16`` dataset with attributes
@@ -175,6 +177,13 @@ class TraceWriter:
             if present and pair in present:
                 g.create_dataset(f"{pair}/present", data=np.asarray(present[pair], dtype=bool))
 
+    def write_embeddings(self, pooled: dict[str, np.ndarray], pooling: str) -> None:
+        """Per-sequence pooled final embeddings, ``/embeddings/<path>`` ``(S, E)`` float64."""
+        g = self.file.require_group("embeddings")
+        g.attrs["pooling"] = pooling
+        for path, values in pooled.items():
+            g.create_dataset(path, data=np.asarray(values, dtype=np.float64))
+
     def commit(self) -> Path:
         """Mark complete, flush, fsync, close and rename into place. Returns the final path."""
         t0 = time.perf_counter()
@@ -314,6 +323,11 @@ class Trace:
     def token_slice(self, key: str | int) -> slice:
         """Canonical rows of one sequence's tokens (``<cls>``, residues, ``<eos>``)."""
         return self.sequence(key).rows
+
+    def embeddings(self, path: str) -> np.ndarray | None:
+        """Pooled final embeddings ``(S, E)`` float64 of ``path`` (:mod:`tracer.embeddings`), or ``None``."""
+        key = f"embeddings/{path}"
+        return self.file[key][()] if key in self.file else None
 
     def metric_groups(self) -> list[str]:
         return [g for g in ("metrics", "local") if g in self.file]

@@ -35,6 +35,7 @@ import torch
 
 from tracer import attention, models
 from tracer.capture import AsyncTapWriter, Collector
+from tracer.embeddings import POOLING, mean_pool
 from tracer.env import dtype_name, environment, resolve_device, resolve_dtype, return_freed_memory, tool_version
 from tracer.errors import TracerError
 from tracer.faults import Faults
@@ -49,7 +50,7 @@ from tracer.plugin import load as load_plugin
 from tracer.report import batch_description, default_rule, summary_context
 from tracer.sequences import Sequence
 from tracer.store import TraceWriter
-from tracer.taps import EMBED, parse_tap, select_taps, tap_name
+from tracer.taps import EMBED, FINAL, parse_tap, select_taps, tap_name
 from tracer.verdict import MetricsTable, Rule, Summary, judge
 
 REFERENCES = ("auto", "fp32", "fp64", "none")
@@ -390,10 +391,15 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
             async_writer = None if config.metrics_only else AsyncTapWriter(writer)
             keep = {"unpacked", "reference"} if config.local else set()
             collector = Collector(names, run_paths, dtype, async_writer, keep=keep)
+            pooled: dict[str, np.ndarray] = {}  # path -> (S, E) mean-pooled final embeddings
+
+            def recorder(path: str):
+                return _pooling(collector.recorder(path), path, pooled, batch.layout, names)
+
             for path in (unpacked, packed):
                 say(f"{path.name} path: {path.describe(batch)}, {dtype_name(dtype)}")
                 with clock(path.name), say.layers(model.layers, path.name):
-                    output = path.run(batch, names, collector.recorder(path.name))
+                    output = path.run(batch, names, recorder(path.name))
                 notes += output.notes
                 for note in output.notes:
                     say(f"note: {note}")
@@ -401,7 +407,7 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
                 say(f"reference: fair-esm forward in {dtype_name(ref_dtype)} on the same weights")
                 with clock("reference"), models.strict_fp32_matmul(), say.layers(model.layers, "reference"):
                     models.set_precision(model, device, ref_dtype)
-                    FairEsmPath(model, name="reference").run(batch, names, collector.recorder("reference"))
+                    FairEsmPath(model, name="reference").run(batch, names, recorder("reference"))
             local_table = {}
             if config.local:
                 say("local: re-running every layer on the other side's recorded input")
@@ -437,6 +443,8 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
             writer.write_metrics("metrics", names, table.pairs, table.present)
             if local_table:
                 writer.write_metrics("local", names, local_table)
+            if pooled:
+                writer.write_embeddings(pooled, POOLING)
             writer.set_json("meta", meta)
             writer.set_json("summary", summary.to_json())
             bytes_written = writer.bytes_written
@@ -444,6 +452,19 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
         write_stats["commit_seconds"] = writer.commit_seconds
     timings["total"] = time.perf_counter() - t0 - timings["load"]
     return Result(path, summary, timings, bytes_written, write_stats, notes)
+
+
+def _pooling(record, path: str, pooled: dict, layout, names: list[str]):
+    """``record``, also keeping ``path``'s mean-pooled final embeddings in ``pooled`` (:mod:`tracer.embeddings`)."""
+    if FINAL not in names:
+        return record
+
+    def rec(name: str, tensor: torch.Tensor) -> None:
+        if name == FINAL:
+            pooled[path] = mean_pool(tensor, layout)
+        record(name, tensor)
+
+    return rec
 
 
 def _sync(device: torch.device) -> None:

@@ -1,0 +1,232 @@
+"""Many traced runs into one output folder: a manifest, progress lines, resume, and the facts
+each trace contributes to a summary. Shared by ``tracer.experiments`` and ``tracer.sweep``.
+
+The folder holds ``manifest.json`` (what was planned, and the result row of every finished
+run), ``traces/<name>.h5`` (one trace per run, kept) and the summaries. The manifest is
+rewritten atomically (temporary file, fsync, rename) after every finished run, so an
+interrupted campaign resumes where it stopped: rerun the same command and the finished runs are
+skipped. A folder that holds something else is never written into without ``--force``, and even
+then only the campaign's own files are (re)written; nothing is deleted.
+
+Example::
+
+    camp = Campaign(Path("exp"), "tracer.experiments", plan={"model": ...}, force=False)
+    for name in names:
+        if not camp.is_done(name):
+            camp.finish(name, row_of(trace(..., out=camp.trace_path(name))))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tracer.embeddings import pooled_cosines
+from tracer.errors import TracerError
+from tracer.store import open_trace
+from tracer.taps import SITES
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give (``mkstemp`` files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, file_mode())
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, value) -> None:
+    write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def check_folder(out: Path, tool: str, force: bool) -> None:
+    """Refuse (without ``force``) a folder that exists, is not empty and has no manifest of ``tool``."""
+    if out.exists() and not out.is_dir():
+        raise TracerError(f"{out} is a file; --out takes a folder")
+    if out.is_dir() and not (out / MANIFEST).exists() and any(out.iterdir()) and not force:
+        raise TracerError(f"{out} exists and is not a {tool} folder (no {MANIFEST}); choose another --out or pass --force")
+
+
+class Campaign:
+    """One output folder of a multi-run command.
+
+    Args:
+        out: the folder.
+        tool: the command (``tracer.experiments`` / ``tracer.sweep``), recorded and checked.
+        plan: JSON-able description of everything that determines the results (model, weights
+            fingerprint, dtype, sequences, the list of runs, ...). A manifest with another plan
+            is not resumed: without ``force`` that is an error, with it the campaign starts over.
+        force: write into a folder that holds something else.
+    """
+
+    def __init__(self, out: Path, tool: str, plan: dict, force: bool = False):
+        self.out = Path(out)
+        self.tool = tool
+        self.plan = json.loads(json.dumps(plan, sort_keys=True))  # normalised (tuples -> lists)
+        self.done: dict[str, dict] = {}
+        manifest = self.out / MANIFEST
+        check_folder(self.out, tool, force)
+        if manifest.exists():
+            try:
+                old = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                old = None
+            if not isinstance(old, dict) or old.get("tool") != tool:
+                if not force:
+                    what = f"a {old.get('tool')} folder" if isinstance(old, dict) else "an unreadable manifest"
+                    raise TracerError(f"{self.out} holds {what}; choose another --out, or pass --force to write {tool} results into it")
+            elif old.get("plan") != self.plan:
+                if not force:
+                    diff = sorted(k for k in set(self.plan) | set(old.get("plan", {})) if self.plan.get(k) != old.get("plan", {}).get(k))
+                    raise TracerError(
+                        f"{self.out} holds a {tool} run with different settings ({', '.join(diff)}); "
+                        "choose another --out, or pass --force to start over in it"
+                    )
+            else:
+                self.done = dict(old.get("done", {}))
+        try:
+            (self.out / "traces").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TracerError(f"cannot create {self.out}: {e.strerror or e}") from None
+        self._save()
+
+    def trace_path(self, name: str) -> Path:
+        return self.out / "traces" / f"{name}.h5"
+
+    def is_done(self, name: str) -> bool:
+        return name in self.done
+
+    def finish(self, name: str, row: dict) -> None:
+        """Record a finished run's result row (the manifest is rewritten atomically)."""
+        self.done[name] = row
+        self._save()
+
+    def _save(self) -> None:
+        write_json_atomic(self.out / MANIFEST, {
+            "tool": self.tool, "manifest_version": MANIFEST_VERSION, "plan": self.plan, "done": self.done,
+        })
+
+
+class Progress:
+    """``[k/n] label`` lines on stderr with the time left, estimated from the runs done so far."""
+
+    def __init__(self, total: int, already: int, quiet: bool = False):
+        self.total, self.count, self.quiet = total, already, quiet
+        self.spent: list[float] = []
+        if already and not quiet:
+            self._say(f"resuming: {already} of {total} already done")
+
+    def _say(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"tracer: {msg}", file=sys.stderr, flush=True)
+
+    def start(self, label: str) -> float:
+        self._say(f"[{self.count + 1}/{self.total}] {label}")
+        return time.perf_counter()
+
+    def finish(self, started: float, outcome: str) -> None:
+        self.spent.append(time.perf_counter() - started)
+        self.count += 1
+        left = self.total - self.count
+        eta = f"; {left} left, about {_duration(left * sum(self.spent) / len(self.spent))}" if left else ""
+        self._say(f"      {outcome} ({_duration(self.spent[-1])}{eta})")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    m, s = divmod(seconds, 60)
+    return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
+
+
+@dataclass(frozen=True)
+class TraceFacts:
+    """What one trace contributes to a campaign's summary (all from the stored summary and embeddings).
+
+    Attributes:
+        trace: path of the trace.
+        verdict: ``diverged`` or ``agree``.
+        first: the first divergence as stored (``None`` when the paths agree).
+        drifting: which path drifts from the reference (``None`` without a reference).
+        off_at_divergence: which path is beyond the bar at the divergence's own tap and token.
+        cos: ``{pair: {sequence id: cosine}}`` of the mean-pooled final embeddings.
+        first_layer_by_site: per site, the first layer where packed and unpacked diverge (``None`` = never).
+        max_rel_l2_by_site: per site, the largest packed-vs-unpacked relative L2 error over layers and tokens.
+    """
+
+    trace: str
+    verdict: str
+    first: dict | None
+    drifting: str | None
+    off_at_divergence: str | None
+    cos: dict
+    first_layer_by_site: dict
+    max_rel_l2_by_site: dict
+
+    @classmethod
+    def read(cls, path: Path) -> "TraceFacts":
+        with open_trace(path) as t:
+            s = t.summary or {}
+            cos = pooled_cosines(t)
+        att = s.get("attribution") or {}
+        first_layer: dict[str, int | None] = {site: None for site in SITES}
+        worst: dict[str, float | None] = {site: None for site in SITES}
+        for entry in s.get("layers", []):
+            for site, st in entry["taps"].items():
+                if st.get("diverged_tokens") and first_layer.get(site) is None:
+                    first_layer[site] = entry["layer"]
+                v = st.get("max_rel_l2")
+                if v is not None and (worst.get(site) is None or v > worst[site]):
+                    worst[site] = v
+        for glob in ("embed", "final_norm"):
+            if s.get(glob):
+                first_layer[glob] = -1 if s[glob].get("diverged_tokens") else None
+                worst[glob] = s[glob].get("max_rel_l2")
+        return cls(
+            trace=str(path), verdict=s.get("verdict", "agree"), first=s.get("first_divergence"),
+            drifting=att.get("drifting"), off_at_divergence=(att.get("at_divergence") or {}).get("off"),
+            cos=cos, first_layer_by_site=first_layer, max_rel_l2_by_site=worst,
+        )
+
+
+def where(first: dict | None) -> str:
+    """``layer 0 q_rope, large token 257`` (or ``none``)."""
+    if not first:
+        return "none"
+    at = f"layer {first['layer']} {first['tap']}" if first.get("layer") is not None else first["tap"]
+    return f"{at}, {first['sequence']} token {first['token']}"
+
+
+def fmt_cos(c) -> str:
+    """A cosine near 1 as ``1-3.2e-07`` (six decimals would hide it), otherwise six decimals."""
+    if c is None:
+        return "n/a"
+    c = float(c)
+    if c != c:
+        return "nan"
+    if c >= 1:
+        return "1" if c == 1 else f"1+{c - 1:.1e}"
+    return f"1-{1 - c:.1e}" if 1 - c < 1e-4 else f"{c:.6f}"
