@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -34,24 +35,25 @@ from esm.rotary_embedding import rotate_half
 from tracer.attention import Backend
 from tracer.faults import Faults
 from tracer.metrics import METRICS, metrics_table, round_to, token_metrics
-from tracer.models import canonical_inv_freq
+from tracer.models import loaded_inv_freq
 from tracer.packed import PackedESM2
 from tracer.paths import Batch
 from tracer.taps import _unpacked_to_canonical, tap_name, tap_unpacked
 from tracer.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, Summary, judge
 
 ROPE_FP32_CHANGE = (
-    "fair-esm's rot_emb.forward shadowed for this run only: positions, inverse frequencies (from "
-    "their definition), cos/sin and the rotation in float32 (float64 for a float64 input), result "
+    "fair-esm's rot_emb.forward shadowed for this run only: positions, inverse frequencies (the "
+    "module's as loaded, up-cast), cos/sin and the rotation in float32 (float64 for a float64 input), result "
     "cast back to the input dtype; buffers, weights and caches untouched"
 )
 
 
-def _rope_forward_fp32(q: torch.Tensor, k: torch.Tensor):
-    """fair-esm's ``RotaryEmbedding.forward`` contract (``(B*H, T, d)`` each), computed in float32."""
+def _rope_forward_fp32(rot, q: torch.Tensor, k: torch.Tensor):
+    """fair-esm's ``RotaryEmbedding.forward`` contract (``(B*H, T, d)`` each), computed in float32
+    on ``rot``'s inverse frequencies as loaded (the values the packed path's fp32 RoPE uses)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     t = torch.arange(k.shape[-2], device=k.device, dtype=compute)  # positions 0..T-1, exact up to 2^24
-    inv = canonical_inv_freq(k.shape[-1], compute, k.device)  # (d/2,)
+    inv = loaded_inv_freq(rot).to(device=k.device, dtype=compute)  # (d/2,), exact up-cast
     freqs = torch.outer(t, inv)  # (T, d/2), one rounding per product, like fair-esm's einsum
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
     cos, sin = emb.cos()[None], emb.sin()[None]  # (1, T, d)
@@ -70,7 +72,7 @@ def fair_esm_rope_fp32(model):
     try:
         for layer in model.layers:
             rot = layer.self_attn.rot_emb
-            object.__setattr__(rot, "forward", _rope_forward_fp32)  # instance attribute; Module.__call__ uses it
+            object.__setattr__(rot, "forward", functools.partial(_rope_forward_fp32, rot))  # instance attribute; Module.__call__ uses it
             shadowed.append(rot)
         yield
     finally:
@@ -129,14 +131,14 @@ def rope_probe(model, batch: Batch, backend: Backend, rope_mode: str, faults: Fa
         def canon(x):  # (B*H, T, d) -> canonical (N, H, d)
             return _unpacked_to_canonical(x, "BHTd", b, heads, rows, True)
 
-        good, bad = PackedESM2(model, backend, rope=rope_mode, faults=faults).rope_tables(lay, device)
+        good, bad = PackedESM2(model, backend, rope=rope_mode, faults=faults).rope_tables(lay, device)[layer]
         rope = bad if faults.at(layer) else good
         to_packed, to_canon = lay.canonical_row_of_packed.to(device), lay.packed_row_of_canonical.to(device)
 
         def packed_rotate(x):  # canonical -> packed order -> rotate -> canonical
             return rope(x.index_select(0, to_packed)).index_select(0, to_canon)
 
-        rq, rk = _rope_forward_fp32(q.double(), k.double())  # float64 reference
+        rq, rk = _rope_forward_fp32(model.layers[layer].self_attn.rot_emb, q.double(), k.double())  # float64 reference
         names = [tap_name(layer, "q_rope"), tap_name(layer, "k_rope")]
         sides = {
             "unpacked": dict(zip(names, (canon(uq), canon(uk)))),
