@@ -7,6 +7,7 @@ download): ``esm2_t6_8M_UR50D`` (6 layers, 320 dims, 20 heads) unless a test say
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from tracer.tracing import RunConfig, trace
 SMALL = "esm2_t6_8M_UR50D"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# seeded random weights are cached (tracer.models.random_cache_path): keep the tests' cache out of ~/.cache
+os.environ.setdefault("TRACER_CACHE_DIR", tempfile.mkdtemp(prefix="tracer-test-cache-"))
 
 
 def mixed_batch(long: int = 300):

@@ -14,6 +14,18 @@ d. the comparator (``tracer.compare`` on the full trace, recomputing every metri
    tensors) in a fresh process: throughput in GB of trace per second and peak RSS, against one
    layer's data.
 
+With ``--production N`` (issue 11), also, each in a fresh process:
+
+e. a production batch (N sequences of 100-700 residues, seeded) traced with ``--metrics-only``:
+   the most tap bytes held at once over one layer of all paths, peak memory (CUDA: peak
+   allocated minus weights; CPU: peak RSS growth) over one layer of taps plus the attention
+   workspace, the pre-flight estimate over what was measured, and ``--metrics-only`` time over
+   the bare forwards of that batch;
+f. time to verdict of ``python -m tracer.run --weights random --metrics-only`` on the debug
+   batch, first run (builds the weights, writes the cache) and repeated run (loads the cache);
+g. loading the cached checkpoint onto the device against reading the file at disk speed plus a
+   pinned host-to-device copy of the same bytes (page cache warm for both).
+
 It prints the ratios the README's targets are stated in. Not a test: timings on shared machines
 vary, so nothing here asserts.
 """
@@ -310,6 +322,185 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------
+# issue 11: production batch, pre-flight accuracy, load time, time to verdict
+
+
+def production_batch(n: int, seed: int = 0, lo: int = 100, hi: int = 700):
+    """``n`` seeded random protein sequences of ``lo``-``hi`` residues."""
+    from tracer.sequences import make_batch
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    return make_batch([(f"p{i}", "".join(rng.choice(letters, int(rng.integers(lo, hi + 1))))) for i in range(n)])
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return [int(line.split()[1]) * 1024 for line in f if line.startswith(key)][0]
+
+
+def _production_child(spec: str) -> None:
+    """In a fresh process: trace the production batch once, print measurements as JSON."""
+    a = json.loads(spec)
+    device, dtype = resolve_device(a["device"]), resolve_dtype(a["dtype"])
+    ref_dtype = reference_dtype("auto", dtype)
+    rss0 = _status_bytes("VmRSS")
+    loaded = models.load_model(a["model"], "random", 0)
+    model, arch, _ = loaded
+    seqs = production_batch(a["n"])
+    config = RunConfig(model=a["model"], weights="random", device=a["device"], dtype=a["dtype"], attn=a["attn"],
+                       metrics_only=True, out=a["out"], force=True, max_batch_tokens=a["max_batch_tokens"])
+    r = trace(config, seqs, quiet=True, loaded=loaded)
+    peak_rss = _status_bytes("VmHWM")
+    est = r.estimate
+    out = {
+        "sequences": len(seqs),
+        "tokens": sum(s.n_tokens for s in seqs),
+        "padded_tokens": est.plan.total_padded_tokens,
+        "sub_batches": len(est.plan.groups),
+        "timings": r.timings,
+        "memory": r.memory,
+        "estimate": {k: v for k, v in est.to_dict().items() if k != "plan"},
+        "rss_before_load": rss0,
+        "peak_rss": peak_rss,
+        "verdict": r.summary.verdict,
+        "weights_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+    }
+    Path(a["out"]).unlink(missing_ok=True)
+    backend = attention.resolve(a["attn"], device, dtype)
+    batch = encode(seqs, model.alphabet)
+    out["bare_seconds"] = bare_forwards(model, batch, device, dtype, ref_dtype, backend, "fp32", 1)
+    print(json.dumps(out))
+
+
+def production_probe(model_name, n, device_name, dtype_name_, attn, folder: Path, max_batch_tokens=None) -> dict:
+    spec = json.dumps({"model": model_name, "n": n, "device": device_name, "dtype": dtype_name_, "attn": attn,
+                       "out": str(folder / "bench-production.h5"), "max_batch_tokens": max_batch_tokens})
+    code = "import sys; from tracer.bench import _production_child; _production_child(sys.argv[1])"
+    env = {**os.environ, "TRACER_CACHE_DIR": str(folder / "cache")}  # the weights time_to_verdict cached
+    r = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    layer = m["memory"]["layer_tap_bytes"]
+    est = m["estimate"]
+    attn_ws = est["workspace_bytes"]
+    bare = sum(m["bare_seconds"].values())
+    after_load = m["timings"]["total"] - m["timings"].get("to_device", 0.0)
+    if m["memory"]["device_peak_allocated"] is not None:  # CUDA: device memory above the weights
+        above = m["memory"]["device_peak_allocated"] - m["memory"]["device_allocated_before_paths"]  # weights on the device
+        measured_peak, estimated_peak = m["memory"]["device_peak_allocated"], est["device_peak"]
+    else:  # CPU: host RSS growth over the process before loading, minus the weights in the run dtype
+        above = m["peak_rss"] - m["rss_before_load"] - est["weights_bytes"]
+        measured_peak, estimated_peak = m["peak_rss"] - m["rss_before_load"], est["host_peak"]
+    m["ratios"] = {
+        "held_taps_over_one_layer": m["memory"]["peak_held_tap_bytes"] / layer,
+        "peak_above_weights_over_layer_plus_workspace": above / (layer + attn_ws),
+        "estimate_over_measured_held": est["held_tap_bytes"] / max(1, m["memory"]["peak_held_tap_bytes"]),
+        "estimate_over_measured_peak": estimated_peak / max(1, measured_peak),
+        "metrics_only_over_bare": after_load / bare,
+    }
+    return m
+
+
+def time_to_verdict(model_name, device_name, dtype_name_, folder: Path) -> dict:
+    """Wall seconds of ``tracer.run --weights random --metrics-only`` in fresh processes, cache cold then warm."""
+    env = {**os.environ, "TRACER_CACHE_DIR": str(folder / "cache")}
+    cmd = [sys.executable, "-m", "tracer.run", "--model", model_name, "--weights", "random", "--metrics-only",
+           "--device", device_name, "--dtype", dtype_name_, "--quiet", "--force", "--out", str(folder / "ttv.h5")]
+    out = {}
+    for label in ("first_run_seconds", "cached_run_seconds"):
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        out[label] = time.perf_counter() - t
+    (folder / "ttv.h5").unlink(missing_ok=True)
+    return out
+
+
+def load_vs_limit(checkpoint: Path, device_name: str, dtype_name_: str) -> dict:
+    """Checkpoint load + move to the device vs reading the file + a pinned host-to-device copy."""
+    device, dtype = resolve_device(device_name), resolve_dtype(dtype_name_)
+    size = checkpoint.stat().st_size
+    read = lambda: _read_file(checkpoint)  # noqa: E731
+    read()  # warm the page cache for both measurements
+    read_s = min(read() for _ in range(2))
+    copy_s = 0.0
+    if device.type == "cuda":
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(size, dtype=torch.uint8, device=device)
+        dev.copy_(host, non_blocking=True)
+        _sync(device)
+        t = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        _sync(device)
+        copy_s = time.perf_counter() - t
+        del host, dev
+    models.load_model(None, str(checkpoint))  # warm-up: torch.load's one-time imports (~2 s) are not load time
+    t = time.perf_counter()
+    model, _, _ = models.load_model(None, str(checkpoint))
+    read_done = time.perf_counter() - t
+    models.set_precision(model, device, dtype)
+    _sync(device)
+    load_s = time.perf_counter() - t
+    return {"file_bytes": size, "read_seconds": read_s, "pinned_copy_seconds": copy_s, "load_seconds": load_s,
+            "load_build_seconds": read_done, "load_over_limit": load_s / (read_s + copy_s)}
+
+
+def _read_file(path: Path, block: int = 16 << 20) -> float:
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(block)
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t
+
+
+def run_production(model_name, n, device_name, dtype_name_, attn, folder: Path, say=print) -> dict:
+    say("bench: time to verdict (fresh processes: weights built, then cached)")
+    ttv = time_to_verdict(model_name, device_name, dtype_name_, folder)
+    say(f"bench: production batch of {n} sequences, --metrics-only (fresh process, cached weights)")
+    prod = production_probe(model_name, n, device_name, dtype_name_, attn, folder)
+    arch = models.architecture(model_name)
+    ckpt = next((folder / "cache" / "random-weights").glob(f"esm2-{arch.num_layers}L-{arch.embed_dim}E-*seed0-*.pt"), None)
+    say("bench: checkpoint load vs disk read + pinned copy")
+    load = load_vs_limit(ckpt, device_name, dtype_name_) if ckpt else {"error": "no cached checkpoint"}
+    return {"production": prod, "time_to_verdict": ttv, "load": load}
+
+
+def format_production(p: dict) -> str:
+    prod, ttv, load = p["production"], p["time_to_verdict"], p["load"]
+    lines = ["production batch (issue 11)", f"{'measure':<44}{'value':>14}   ratio [target]"]
+    if "error" in prod:
+        lines.append(f"{'production batch':<44}   failed: {prod['error']}")
+    else:
+        q, mem, est = prod["ratios"], prod["memory"], prod["estimate"]
+        lines += [
+            f"{'batch':<44}{prod['tokens']:>9} tok   {prod['sequences']} sequences, {prod['padded_tokens']} padded tokens, "
+            f"{prod['sub_batches']} sub-batch(es), verdict {prod['verdict']}",
+            f"{'taps held at once (--metrics-only)':<44}{mem['peak_held_tap_bytes'] / MB:>11.1f} MB   / one layer of all paths "
+            f"({mem['layer_tap_bytes'] / MB:.1f} MB) = {q['held_taps_over_one_layer']:.2f} [<= 4]",
+            f"{'peak memory above weights':<44}{'':>14}   / (one layer + attention workspace) = "
+            f"{q['peak_above_weights_over_layer_plus_workspace']:.2f} [<= 4]",
+            f"{'pre-flight estimate, held taps':<44}{est['held_tap_bytes'] / MB:>11.1f} MB   estimate / measured = "
+            f"{q['estimate_over_measured_held']:.2f} [0.8-1.2]",
+            f"{'pre-flight estimate, peak memory':<44}{max(est['device_peak'], est['host_peak']) / MB:>11.0f} MB   estimate / measured = "
+            f"{q['estimate_over_measured_peak']:.2f} [0.8-1.2]",
+            f"{'--metrics-only after load':<44}{prod['timings']['total'] - prod['timings'].get('to_device', 0):>12.3f} s   "
+            f"/ bare forwards ({sum(prod['bare_seconds'].values()):.3f} s) = {q['metrics_only_over_bare']:.2f} [<= 1.5]",
+        ]
+    lines += [
+        f"{'time to verdict, weights built (1st run)':<44}{ttv['first_run_seconds']:>12.3f} s",
+        f"{'time to verdict, weights cached (repeat)':<44}{ttv['cached_run_seconds']:>12.3f} s",
+    ]
+    if "error" not in load:
+        lines.append(
+            f"{'checkpoint load + to device':<44}{load['load_seconds']:>12.3f} s   / (read {load['read_seconds']:.3f} s + pinned copy "
+            f"{load['pinned_copy_seconds']:.3f} s of {load['file_bytes'] / GB:.2f} GB) = {load['load_over_limit']:.2f} [<= 1.5]"
+        )
+    return "\n".join(lines)
+
+
 def build_parser() -> Parser:
     p = Parser(prog="python -m tracer.bench", description="Benchmark tracing speed and memory; prints ratios against bare forwards and raw disk writes.")
     p.add_argument("--model", default="esm2_t6_8M_UR50D", help="ESM-2 architecture (random weights; default esm2_t6_8M_UR50D, use esm2_t36_3B_UR50D for the targets)")
@@ -320,6 +511,10 @@ def build_parser() -> Parser:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each bare forward (default 3)")
     p.add_argument("--dir", default=None, help="folder for the temporary traces (default: a temporary folder under traces/)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    p.add_argument("--production", type=int, default=0, metavar="N",
+                   help="also measure a production batch of N sequences of 100-700 residues, time to verdict and load time (issue 11)")
+    p.add_argument("--skip-debug", action="store_true", help="skip the debug-batch measurements (a-d)")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the measurements as JSON to FILE")
     return p
 
 
@@ -334,14 +529,24 @@ def main(argv=None) -> int:
         Path("traces").mkdir(exist_ok=True)
         ctx = tempfile.TemporaryDirectory(dir="traces", prefix="bench-")
         folder = Path(ctx.name)
+    say = lambda m: print(f"tracer: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    result: dict = {}
     try:
-        result = run_bench(args.model, args.seq_len, args.device, args.dtype, args.repeats, folder, args.attn,
-                           say=lambda m: print(f"tracer: {m}", file=sys.stderr, flush=True))
+        if not args.skip_debug:
+            result = run_bench(args.model, args.seq_len, args.device, args.dtype, args.repeats, folder, args.attn, say=say)
+        if args.production:
+            result["issue11"] = run_production(args.model, args.production, args.device, args.dtype, args.attn, folder, say=say)
     finally:
         if ctx is not None:
             ctx.cleanup()
     result["peak_rss_bench_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        tables = ([] if args.skip_debug else [format_table(result)]) + ([format_production(result["issue11"])] if args.production else [])
+        print("\n".join(tables))
     return 0
 
 

@@ -25,6 +25,32 @@ from tracer.report import PAIRS
 from tracer.verdict import ROUNDED
 
 
+class Ledger:
+    """Bytes of tap tensors held by the run (collector, sub-batch assembly, writer in flight).
+
+    Counted exactly from the tensors' sizes, so the bound on held memory can be tested on a
+    shared machine where RSS is noisy. ``peak`` is the most held at once.
+    """
+
+    def __init__(self):
+        self.held = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.held += n
+            self.peak = max(self.peak, self.held)
+
+    def sub(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class AsyncTapWriter:
     """Writes taps to a :class:`tracer.store.TraceWriter` in the background, in two stages.
 
@@ -36,10 +62,17 @@ class AsyncTapWriter:
     Args:
         writer: the trace writer (only the disk thread touches the HDF5 file until :meth:`close`).
         buffers: pinned buffers per tap shape (bounds host memory in flight).
+        budget: bytes of submitted taps not yet on disk before :meth:`submit` waits (so a slow
+            disk cannot make the run hold every tap); ``None`` = no limit.
+        ledger: a :class:`Ledger` that counts those bytes.
     """
 
-    def __init__(self, writer, buffers: int = 4):
+    def __init__(self, writer, buffers: int = 4, budget: int | None = None, ledger: Ledger | None = None):
         self.writer = writer
+        self.budget = budget
+        self.ledger = ledger or Ledger()
+        self._inflight = 0
+        self._room = threading.Condition()
         self.error: BaseException | None = None
         self.stats = {"taps": 0, "bytes": 0, "write_seconds": 0.0, "copy_seconds": 0.0}
         self._copy_q: queue.Queue = queue.Queue()
@@ -55,6 +88,12 @@ class AsyncTapWriter:
     def submit(self, path: str, name: str, tensor: torch.Tensor) -> None:
         if self.error is not None:
             raise self.error
+        n = nbytes(tensor)
+        with self._room:  # back-pressure: wait for the disk rather than hold every tap
+            while self.budget is not None and self._inflight and self._inflight + n > self.budget and self.error is None:
+                self._room.wait(0.5)
+            self._inflight += n
+        self.ledger.add(n)
         event = None
         if tensor.is_cuda:
             event = torch.cuda.Event()
@@ -94,6 +133,7 @@ class AsyncTapWriter:
                 self._disk_q.put((path, name, buf, pool))
             except BaseException as e:  # surfaced by close()/submit() in the main thread
                 self.error = e
+                self._disk_q.put((path, name, tensor, None))  # (not written: only accounted)
             del tensor, item
 
     def _disk_loop(self) -> None:
@@ -114,12 +154,25 @@ class AsyncTapWriter:
             finally:
                 if pool is not None:
                     pool.put(host)
+                n = nbytes(host)
+                self.ledger.sub(n)
+                with self._room:
+                    self._inflight -= n
+                    self._room.notify_all()
 
-    def close(self) -> None:
-        """Wait until every submitted tap is written; re-raise a writer failure."""
+    def close(self, progress=None, total: int | None = None) -> None:
+        """Wait until every submitted tap is written; re-raise a writer failure.
+
+        ``progress``: a :class:`tracer.progress.Progress` to tick bytes written of ``total``.
+        """
         self._copy_q.put(None)
+        while self._disk.is_alive():
+            self._disk.join(0.2)
+            if progress is not None and total:
+                progress.tick("writing", min(self.stats["bytes"], total), total, bytes_unit=True)
         self._copier.join()
-        self._disk.join()
+        if progress is not None:
+            progress.tick_done()
         self._pools.clear()
         if self.error is not None:
             raise self.error
@@ -139,11 +192,13 @@ class Collector:
         dtype: the low-precision run dtype (for the representation floor).
         writer: an :class:`AsyncTapWriter`, or ``None`` for ``--metrics-only``.
         keep: paths whose taps are kept after their metrics (needed by the local re-runs).
+        ledger: counts the bytes held (default: the writer's, or a new one).
     """
 
     batch = 8
 
-    def __init__(self, names: list[str], paths: list[str], dtype: torch.dtype, writer=None, keep=frozenset()):
+    def __init__(self, names: list[str], paths: list[str], dtype: torch.dtype, writer=None, keep=frozenset(), ledger: Ledger | None = None):
+        self.ledger = ledger or (writer.ledger if writer is not None else Ledger())
         self.names = list(names)
         self.paths = list(paths)
         self.dtype = dtype
@@ -166,6 +221,7 @@ class Collector:
         if self.writer is not None:
             self.writer.submit(path, name, tensor)
         self.held[path][name] = tensor
+        self.ledger.add(nbytes(tensor))
         for pair, (a, b) in self.pairs.items():
             if path in (a, b) and name in self.held[a] and name in self.held[b]:
                 self.pending.append((pair, name))
@@ -203,7 +259,7 @@ class Collector:
             if path == "reference":
                 pairs.append(ROUNDED)
             if path not in self.keep and name in self.held[path] and all(name in self.metrics[pair] for pair in pairs):
-                del self.held[path][name]
+                self.ledger.sub(nbytes(self.held[path].pop(name)))
 
     def table(self) -> dict[str, dict[str, np.ndarray]]:
         """``{pair: {metric: (T, N) float32}}`` over :attr:`names` (rows of missing taps are NaN)."""
@@ -223,3 +279,55 @@ class Collector:
         :meth:`table` are NaN, and must not be mistaken for non-finite values)."""
         self.flush()
         return {pair: np.array([name in by_tap for name in self.names]) for pair, by_tap in self.metrics.items() if by_tap}
+
+class Assembler:
+    """Joins the taps of a path's sub-batches into one canonical tensor per tap.
+
+    A path split into sub-batches (:mod:`tracer.batching`) delivers each tap once per
+    sub-batch, for that sub-batch's rows; when every part of a tap has arrived, the joined
+    ``(N, ...)`` tensor goes to ``record``. With one part covering the batch in its own order,
+    taps pass through untouched (no copy).
+
+    Args:
+        rows: per part, ``(n_k,)`` int64 canonical rows of its tokens, in the part's own order.
+        n_tokens: N.
+        record: ``record(name, tensor)`` receiving whole taps.
+        ledger: counts the partly joined tensors.
+    """
+
+    def __init__(self, rows: list[torch.Tensor], n_tokens: int, record, ledger: Ledger | None = None):
+        self.rows = rows
+        self.n_tokens = n_tokens
+        self.record = record
+        self.ledger = ledger or Ledger()
+        self.identity = len(rows) == 1 and torch.equal(rows[0], torch.arange(n_tokens))
+        self._parts: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (joined, parts received)
+        self._device_rows: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def recorder(self, part: int):
+        """The ``record(name, tensor)`` callback of part ``part``."""
+
+        def record(name: str, tensor: torch.Tensor) -> None:
+            self.add(part, name, tensor)
+
+        return record
+
+    def add(self, part: int, name: str, tensor: torch.Tensor) -> None:
+        if self.identity:
+            self.record(name, tensor)
+            return
+        if name not in self._parts:
+            joined = tensor.new_empty((self.n_tokens, *tensor.shape[1:]))
+            self.ledger.add(nbytes(joined))
+            self._parts[name] = (joined, 0)
+        joined, seen = self._parts[name]
+        key = (part, tensor.device)
+        if key not in self._device_rows:
+            self._device_rows[key] = self.rows[part].to(tensor.device)
+        joined.index_copy_(0, self._device_rows[key], tensor)  # (n_k, ...) rows into (N, ...)
+        if seen + 1 < len(self.rows):
+            self._parts[name] = (joined, seen + 1)
+            return
+        del self._parts[name]
+        self.ledger.sub(nbytes(joined))
+        self.record(name, joined)

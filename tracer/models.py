@@ -31,6 +31,7 @@ import pickle
 import re
 import socket
 import sys
+import threading
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,6 +139,75 @@ def build_random(arch: Architecture, seed: int) -> ESM2:
         model = _esm2(arch)
     remember_loaded(model)
     return model.eval().requires_grad_(False)
+
+
+def random_cache_path(arch: Architecture, seed: int) -> Path | None:
+    """Where the seeded random weights of ``arch`` are cached (``None``: caching is off).
+
+    ``$TRACER_CACHE_DIR`` (``off`` disables), else ``$XDG_CACHE_HOME/tracer``, else
+    ``~/.cache/tracer``. The key holds everything the values depend on: the shape, the seed, and
+    the fair-esm and torch versions (fair-esm's init code and torch's CPU generator).
+    """
+    root = os.environ.get("TRACER_CACHE_DIR")
+    if root is not None and root.strip().lower() in ("", "off", "none", "0"):
+        return None
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tracer")
+    from importlib.metadata import version
+
+    key = (
+        f"{arch.num_layers}L-{arch.embed_dim}E-{arch.heads}H-td{int(arch.token_dropout)}-seed{seed}-"
+        f"fair-esm{version('fair-esm')}-torch{torch.__version__.split('+')[0]}"
+    )
+    return Path(root) / "random-weights" / f"esm2-{key}.pt"
+
+
+_CACHE_WRITES: dict[Path, threading.Thread] = {}
+
+
+def save_random_cache(model: ESM2, arch: Architecture, path: Path, background: bool = False) -> None:
+    """Store ``model``'s weights at ``path`` in fair-esm's checkpoint format, atomically.
+
+    Written to a temporary file in the same folder, fsynced and renamed, so a reader never sees a
+    partial file; any failure (disk full, read-only cache) leaves no file and only costs the
+    next run a fresh build. The file loads with the same code as real checkpoints
+    (:func:`read_checkpoint`, :func:`build_from_checkpoint`). ``background``: write in a thread
+    (not a daemon: the interpreter waits for it at exit; :func:`wait_for_cache_writes`). The
+    tensors are taken now: a later in-place precision change of the model swaps its
+    parameters' data, not these tensors.
+    """
+    data = {
+        "model": {f"encoder.{k}": v for k, v in model.state_dict().items()},
+        "cfg": {"model": {"encoder_layers": arch.num_layers, "encoder_embed_dim": arch.embed_dim,
+                          "encoder_attention_heads": arch.heads, "token_dropout": arch.token_dropout}},
+        "tracer": {"random_seed_cache": True},
+    }
+    if not background:
+        _write_atomically(data, path)
+        return
+    thread = threading.Thread(target=_write_atomically, args=(data, path), name="tracer-weights-cache")
+    thread.start()
+    _CACHE_WRITES[path] = thread
+
+
+def wait_for_cache_writes() -> None:
+    """Wait until this process's background cache writes are on disk."""
+    while _CACHE_WRITES:
+        _CACHE_WRITES.popitem()[1].join()
+
+
+def _write_atomically(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _esm2(arch: Architecture) -> ESM2:
@@ -297,8 +367,20 @@ def load_model(
     say = progress or (lambda msg: None)
     if weights == "random":
         arch = architecture(name or DEFAULT_MODEL)
+        cached = random_cache_path(arch, seed)
+        if cached in _CACHE_WRITES:
+            _CACHE_WRITES.pop(cached).join()  # this process is still writing it
+        if cached is not None and cached.exists():
+            say(f"loading {arch.name} seeded random weights (seed {seed}) from the cache {cached}")
+            try:
+                model = build_from_checkpoint(read_checkpoint(cached), arch, cached)
+                return model, arch, Weights("random", None, seed, fingerprint(model))
+            except TracerError:  # a damaged cache entry is rebuilt, never trusted
+                say(f"cache entry {cached} is unreadable; building the weights again")
         say(f"building {arch.name} ({arch.describe()}) with seeded random weights (seed {seed})")
         model = build_random(arch, seed)
+        if cached is not None:
+            save_random_cache(model, arch, cached, background=True)  # the run does not wait for the disk
         return model, arch, Weights("random", None, seed, fingerprint(model))
 
     if weights == "auto":
@@ -360,6 +442,17 @@ def loaded_inv_freq(rot) -> torch.Tensor:
     return getattr(rot, _LOADED)
 
 
+def peek_architecture(name: str | None, weights: str, trust_checkpoint: bool = False) -> Architecture:
+    """The architecture :func:`load_model` will load, without building it.
+
+    A checkpoint path without a model name has its config read (memory-mapped: the tensors'
+    bytes are not read).
+    """
+    if weights in ("random", "auto") or name is not None:
+        return architecture(name or DEFAULT_MODEL)
+    return checkpoint_architecture(read_checkpoint(weights, trust=trust_checkpoint), weights)
+
+
 def fingerprint(model: ESM2) -> str:
     """SHA-256 over the embedding, final layer norm and last layer's fc2 bias, as stored."""
     h = hashlib.sha256()
@@ -384,20 +477,154 @@ def reset_rotary_caches(model: ESM2) -> None:
         rot._sin_cached = None
 
 
-def set_precision(model: ESM2, device: torch.device, dtype: torch.dtype) -> None:
+def set_precision(model: ESM2, device: torch.device, dtype: torch.dtype, progress=None) -> None:
     """Move ``model`` to ``device``/``dtype`` in place, with no state carried over.
 
     Weights are converted in place, so only one copy is ever held (an up-cast after a down-cast
     is exact: the reference then computes on the very weights the low-precision paths used).
     Rotary inverse frequencies are the loaded buffer cast to ``dtype`` (exactly what
     ``model.to(dtype)`` does to the loaded model), never the definition, and the rotary caches
-    are cleared (see the module docstring).
+    are cleared (see the module docstring). Tensors still on the host go to a CUDA device through
+    pinned staging buffers (:func:`to_device_pinned`) in their stored dtype, then are converted
+    on the device.
     """
     loaded = [loaded_inv_freq(layer.self_attn.rot_emb) for layer in model.layers]  # before any cast
+    if device.type == "cuda":
+        to_device_pinned(model, device, progress=progress)
     model.to(device=device, dtype=dtype)
     for layer, inv in zip(model.layers, loaded):
         layer.self_attn.rot_emb.inv_freq = inv.to(device=device, dtype=dtype)
     reset_rotary_caches(model)
+
+
+def to_device_pinned(model: ESM2, device: torch.device, chunk: int = 64 << 20, progress=None) -> int:
+    """Copy every host tensor of ``model`` to CUDA ``device`` through two pinned staging buffers.
+
+    A pageable ``.to("cuda")`` runs at ~1 GB/s on the H100 machine, a pinned copy at ~50 GB/s.
+    Each tensor (memory-mapped checkpoint pages or host memory, in its stored dtype) is copied
+    chunk by chunk into a pinned buffer (reading the file at disk speed when it is not cached)
+    while the previous chunk crosses to the device asynchronously on a side stream. Values are
+    not changed (same dtype, bytes copied). Returns the bytes copied.
+
+    Args:
+        progress: optional :class:`tracer.progress.Progress` (a bytes ticker).
+    """
+    host = [(m, name, t, kind) for m in model.modules() for kind, table in (("p", m._parameters), ("b", m._buffers))
+            for name, t in table.items() if t is not None and t.device.type == "cpu"]
+    total = sum(t.numel() * t.element_size() for _, _, t, _ in host)
+    if not host:
+        return 0
+    staging = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    done_events: list = [None, None]
+    stream = torch.cuda.Stream(device=device)
+    moved = 0
+    k = 0
+    done: dict[int, torch.Tensor] = {}  # id(host tensor) -> its device copy (keeps tied weights tied)
+    with torch.no_grad():
+        for module, name, t, kind in host:
+            if id(t) in done:
+                (module._parameters if kind == "p" else module._buffers)[name] = done[id(t)]
+                continue
+            src = t.detach().contiguous()
+            dst = torch.empty(src.shape, dtype=src.dtype, device=device)
+            n = src.numel() * src.element_size()
+            src_bytes = src.reshape(-1).view(torch.uint8) if n else None
+            dst_bytes = dst.reshape(-1).view(torch.uint8) if n else None
+            for off in range(0, n, chunk):
+                m = min(chunk, n - off)
+                if done_events[k] is not None:
+                    done_events[k].synchronize()  # this buffer's previous copy has left
+                staging[k][:m].copy_(src_bytes[off : off + m])  # host -> pinned (reads the file pages)
+                with torch.cuda.stream(stream):
+                    dst_bytes[off : off + m].copy_(staging[k][:m], non_blocking=True)
+                    done_events[k] = torch.cuda.Event()
+                    done_events[k].record(stream)
+                k = 1 - k
+                moved += m
+                if progress is not None:
+                    progress.tick("to device", moved, total, bytes_unit=True)
+            new = torch.nn.Parameter(dst, requires_grad=False) if kind == "p" else dst
+            (module._parameters if kind == "p" else module._buffers)[name] = new
+            done[id(t)] = new
+    stream.synchronize()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    if progress is not None:
+        progress.tick_done()
+    return moved
+
+
+def _set_rotary(layer, inv_freq: torch.Tensor) -> None:
+    """One layer's rotary ``inv_freq``, and its cos/sin caches cleared."""
+    rot = layer.self_attn.rot_emb
+    rot.inv_freq = inv_freq
+    rot._seq_len_cached = rot._cos_cached = rot._sin_cached = None
+
+
+@contextlib.contextmanager
+def upcast_twin(model: ESM2, dtype: torch.dtype):
+    """fair-esm's ESM2 of ``model``'s shape whose weights are exact up-casts of ``model``'s, one layer at a time.
+
+    The reference path runs this twin's own ``ESM2.forward`` while ``model`` stays in the run
+    dtype (so the paths can run in lockstep). The twin is built on the meta device (no memory);
+    its embedding, final norm and heads are up-cast once (``E x E`` at most); each layer's
+    weights are up-cast to ``dtype`` on the weights' device by a pre-hook when the layer is
+    entered and dropped by a post-hook when the last forward inside it returns, so one layer of
+    up-cast weights exists at a time (two while sub-batches in lockstep straddle a boundary).
+    The up-cast of a low-precision tensor is exact, and the rotary ``inv_freq`` is the loaded
+    buffer cast to ``dtype``, as :func:`set_precision` sets it, so the twin computes what
+    ``model`` converted in place to ``dtype`` would compute.
+
+    Example::
+
+        with upcast_twin(model, torch.float32) as ref:
+            ref(tokens, repr_layers=[ref.num_layers])
+    """
+    with torch.device("meta"):
+        twin = ESM2(
+            num_layers=model.num_layers,
+            embed_dim=model.embed_dim,
+            attention_heads=model.attention_heads,
+            alphabet=model.alphabet,
+            token_dropout=model.token_dropout,
+        )
+    device = model.embed_tokens.weight.device
+    outer = {k: v.to(dtype) for k, v in model.state_dict().items() if not k.startswith("layers.")}
+    twin.load_state_dict(outer, strict=False, assign=True)
+    twin.eval().requires_grad_(False)
+
+    inside = [0] * model.num_layers  # forwards inside each layer (sub-batches park mid-layer)
+
+    def materialise(i):
+        def hook(module, args):
+            if inside[i] == 0:
+                state = {k: v.to(dtype) for k, v in model.layers[i].state_dict().items()}
+                module.load_state_dict(state, assign=True)
+                module.requires_grad_(False)
+                # the loaded buffer cast to dtype, as set_precision does
+                _set_rotary(module, loaded_inv_freq(model.layers[i].self_attn.rot_emb).to(device=device, dtype=dtype))
+            inside[i] += 1
+
+        return hook
+
+    def drop(i):
+        def hook(module, args, output):
+            inside[i] -= 1
+            if inside[i] == 0:
+                module.to_empty(device="meta")
+                _set_rotary(module, module.self_attn.rot_emb.inv_freq)
+
+        return hook
+
+    handles = []
+    try:
+        for i, layer in enumerate(twin.layers):
+            handles.append(layer.register_forward_pre_hook(materialise(i)))
+            handles.append(layer.register_forward_hook(drop(i)))
+        yield twin
+    finally:
+        for h in handles:
+            h.remove()
+        del twin
 
 
 @contextlib.contextmanager

@@ -89,6 +89,12 @@ def build_parser() -> Parser:
     t.add_argument("--layers", default=None, metavar="0,3,5-7", help="layers to trace (default all)")
     t.add_argument("--metrics-only", action="store_true", help="compute per-token metrics on the fly and store no tensors")
     t.add_argument("--local", action="store_true", help="also re-run each layer on the other side's input, to split error born in a layer from error inherited")
+    t.add_argument(
+        "--max-batch-tokens", type=int, default=None, metavar="K",
+        help="run the padded unpacked and reference forwards on length-sorted sub-batches of at most K padded tokens "
+        "(sequences x longest); 0 = the batch as given (default: the batch as given if the pre-flight estimate fits in "
+        "free memory, else the largest K that does)",
+    )
     t.add_argument("--compression", choices=COMPRESSIONS, default="none", help="HDF5 compression of tensors (default none: README has the measurements)")
     t.add_argument("--fault", action="append", default=[], metavar="NAME[@LAYERS]", help=f"plant a known bug to validate the tracer: {', '.join(FAULT_NAMES)}, or perturb:PATH:TAP:SEQ:TOKEN[:EPS]")
 
@@ -119,6 +125,8 @@ def sequences_from(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sequences = sequences_from(args)
+    if args.max_batch_tokens is not None and args.max_batch_tokens < 0:
+        raise TracerError(f"--max-batch-tokens must be 0 (one batch) or a positive number of padded tokens, got {args.max_batch_tokens}")
     dtype = args.dtype
     has_ref = args.reference in ("fp32", "fp64") or (args.reference == "auto" and dtype in ("bfloat16", "float16"))
     config = RunConfig(
@@ -144,6 +152,7 @@ def main(argv=None) -> int:
         command=tuple(["python", "-m", "tracer.run", *(sys.argv[1:] if argv is None else argv)]),
         packed=args.packed,
         unpacked=args.unpacked,
+        max_batch_tokens=args.max_batch_tokens,
     )
     result = trace(config, sequences, quiet=args.quiet)
     if args.plot:

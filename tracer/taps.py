@@ -21,12 +21,14 @@ Every tap is handed to the recorder **token-major in canonical order** (``(N, ..
 input order, tokens 0..L+1 each; see :mod:`tracer.packing`), whatever layout the path uses
 inside: fair-esm's ``(T, B, E)`` and ``(B*H, T, d)``, or the packed ``(N, H, d)``. A tap records
 ``x.detach()`` and returns nothing, so it never changes the forward. Hooks live inside a context
-manager and are removed in ``finally``.
+manager and are removed in ``finally``. The paths of a run share fair-esm's modules and run in
+lockstep threads (:mod:`tracer.lockstep`), so a hook acts only in the thread that installed it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -227,8 +229,12 @@ def tap_unpacked(model, layout: Layout, padded_len: int, names: list[str], recor
         modules[key] = module
         groups[key].insert(0, (None, spec, p))  # perturb before recording, so the tap sees it
 
+    owner = threading.get_ident()  # paths run in lockstep threads over shared modules
+
     def make_hook(entries, kind):
         def hook(module, *args):
+            if threading.get_ident() != owner:
+                return None
             value = args[0] if kind == "pre" else args[1]
             changed = False
             for name, spec, p in entries:
@@ -269,9 +275,12 @@ def tap_packed(packed, layout: Layout, names: list[str], record: Record, perturb
     packed_row_of_canonical = layout.packed_row_of_canonical
     offsets = layout.offsets
     handles = []
+    owner = threading.get_ident()
 
     def recorder(name):
         def hook(module, inputs, output):
+            if threading.get_ident() != owner:
+                return
             x = output.detach()
             record(name, x if to_canonical is None else x.index_select(0, to_canonical))
 
@@ -281,6 +290,8 @@ def tap_packed(packed, layout: Layout, names: list[str], record: Record, perturb
         row = int(packed_row_of_canonical[int(offsets[p.sequence]) + p.token])
 
         def hook(module, inputs, output):
+            if threading.get_ident() != owner:
+                return None
             out = output.clone()
             out[row].add_(perturbation_delta(out[row], p))
             return out

@@ -2,20 +2,33 @@
 
 Order of work, and the dtype of every step:
 
+0. Pre-flight (:mod:`tracer.preflight`), before anything is loaded: trace bytes and peak memory
+   are estimated from the architecture and token counts, printed, and checked against free disk
+   and memory; a run that cannot fit stops with one line naming what would.
 1. Load the model in its stored precision (float32 for fair-esm releases; random init is
-   float32) on the CPU, then convert it in place to the run dtype on the run device.
-2. ``unpacked``: fair-esm's ``ESM2.forward`` on the padded batch, in the run dtype.
-3. ``packed``: the same weights over the packed stream, in the run dtype (RoPE per ``rope``).
-4. ``reference`` (if any): the model is converted in place to float32/float64 (exact up-cast
-   of the run-dtype weights; rotary state rebuilt), and the unpacked computation runs again
-   with TF32 off.
-5. ``--local``: back to the run dtype; each layer re-run on the other side's recorded input.
-6. As soon as both sides of a pair exist, per-token sums are computed on the run device (on
-   exact float32 up-casts); the metrics are finished in float64 on the CPU and stored as
-   float32; the verdict is decided; meta, metrics and summary are written, and the file is
-   renamed into place.
+   float32, cached after the first build) on the CPU, then move it to the run device through
+   pinned staging buffers and convert it in place to the run dtype.
+2. The paths run in lockstep, layer by layer (:mod:`tracer.lockstep`), each forward in its own
+   thread, one thread at a time:
 
-Only one copy of the weights exists at any time. Example::
+   * ``unpacked``: fair-esm's ``ESM2.forward`` on the padded batch (or on length-sorted
+     sub-batches, :mod:`tracer.batching`), in the run dtype, or the user's plug-in;
+   * ``packed``: the built-in packed forward (RoPE per ``rope``) or the user's plug-in, in the
+     run dtype;
+   * ``reference`` (if any): fair-esm's ``ESM2.forward`` again, on an up-cast twin of the model
+     (:func:`tracer.models.upcast_twin`: exact float32/float64 up-casts of the run-dtype weights,
+     one layer at a time; rotary state rebuilt), TF32 off.
+
+   After each layer, its pairs' per-token sums are computed on the run device (on exact float32
+   up-casts) and the layer's taps are let go (full tensors stream to the file meanwhile), so
+   the taps held are about one layer of every path, whatever the depth.
+3. ``--local``: each layer re-run on the other side's recorded input (these runs keep every
+   layer of unpacked and reference).
+4. The metrics are finished in float64 on the CPU and stored as float32; the verdict is
+   decided; meta (with the pre-flight estimate and the memory measured), metrics and summary are
+   written, and the file is renamed into place.
+
+One copy of the weights in the run dtype exists, plus one layer up-cast for the reference. Example::
 
     result = trace(RunConfig(model="esm2_t6_8M_UR50D", weights="random", device="cpu"), debug_batch(400))
     print(result.summary.format_text())
@@ -33,12 +46,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tracer import attention, models
-from tracer.capture import AsyncTapWriter, Collector
+from tracer import attention, models, preflight
+from tracer.batching import SubBatches, sub_faults
+from tracer.capture import Assembler, AsyncTapWriter, Collector, Ledger
 from tracer.embeddings import POOLING, mean_pool
 from tracer.env import dtype_name, environment, resolve_device, resolve_dtype, return_freed_memory, tool_version
 from tracer.errors import TracerError
 from tracer.faults import Faults
+from tracer.lockstep import Stream, run_lockstep, tap_group
 from tracer.metrics import METRICS, metrics_table, token_metrics
 from tracer.packed import ROPE_MODES, PackedESM2
 from tracer.observe import missing_advice
@@ -46,11 +61,12 @@ from tracer.paths import (
     Batch, BuiltinPackedPath, FairEsmPath, PluginPath, TracedPath, encode, run_packed_layer, run_unpacked_layer,
 )
 from tracer.plugin import BUILTIN
+from tracer.progress import Progress
 from tracer.plugin import load as load_plugin
 from tracer.report import batch_description, default_rule, summary_context
 from tracer.sequences import Sequence
 from tracer.store import TraceWriter
-from tracer.taps import EMBED, FINAL, parse_tap, select_taps, tap_name
+from tracer.taps import EMBED, FINAL, SITES, parse_tap, select_taps, tap_name
 from tracer.verdict import MetricsTable, Rule, Summary, judge
 
 REFERENCES = ("auto", "fp32", "fp64", "none")
@@ -84,6 +100,9 @@ class RunConfig:
         packed: the packed side: ``builtin``, ``package.module:factory``, ``file.py:factory`` or
             a factory callable (:mod:`tracer.plugin`).
         unpacked: the unpacked side: ``fair-esm`` (its own ``ESM2.forward``) or a plug-in SPEC.
+        max_batch_tokens: padded-token budget of fair-esm's unpacked and reference sub-batches
+            (:mod:`tracer.batching`); ``0`` = the batch as given; ``None`` = one batch if the
+            pre-flight estimate fits in free memory, else the largest budget that does.
     """
 
     model: str | None = None
@@ -108,12 +127,15 @@ class RunConfig:
     command: tuple[str, ...] = ()
     packed: object = BUILTIN["packed"]
     unpacked: object = BUILTIN["unpacked"]
+    max_batch_tokens: int | None = None
 
 
 @dataclass
 class Result:
-    """What a run produced: the trace path, the verdict, the timings (seconds), and notes for the
-    user (taps a plug-in did not expose, with the line that would capture them)."""
+    """What a run produced: the trace path, the verdict, the timings (seconds), notes for the
+    user (taps a plug-in did not expose, with the line that would capture them), the memory
+    measured (``peak_held_tap_bytes``: most tap bytes held at once, counted exactly; the CUDA
+    peak allocation) and the pre-flight estimate."""
 
     path: Path
     summary: Summary
@@ -121,6 +143,8 @@ class Result:
     bytes_written: int
     write_stats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+    estimate: "preflight.Estimate | None" = None
 
 
 def reference_dtype(reference: str, dtype: torch.dtype) -> torch.dtype | None:
@@ -143,35 +167,6 @@ def default_out(arch_name: str, dtype: str, batch: list[Sequence]) -> Path:
     lengths = "-".join(str(s.length) for s in batch[:4]) + ("-etc" if len(batch) > 4 else "")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("traces") / f"{arch_name}-{dtype}-L{lengths}-{stamp}.h5"
-
-
-class _Say:
-    """Progress lines on stderr (a layer ticker when stderr is a terminal)."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, msg: str) -> None:
-        if not self.quiet:
-            print(f"tracer: {msg}", file=sys.stderr, flush=True)
-
-    @contextlib.contextmanager
-    def layers(self, modules, label: str):
-        if self.quiet or not self.tty:
-            yield
-            return
-        n = len(modules)
-        handles = [
-            m.register_forward_hook(lambda mod, i, o, k=k: print(f"\r  {label}: layer {k + 1}/{n}", end="", file=sys.stderr, flush=True))
-            for k, m in enumerate(modules)
-        ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -212,14 +207,16 @@ def _validate_faults(faults: Faults, batch: Batch, num_layers: int) -> None:
         raise TracerError(f"fault layers {list(faults.layers)}: the model has layers 0..{num_layers - 1}")
 
 
-def _oom_message(names: list[str], batch: Batch, arch, dtype: torch.dtype, device: torch.device) -> str:
-    per_token = arch.embed_dim * torch.finfo(dtype).bits // 8
-    need = len(names) * batch.layout.n_tokens * per_token
+def _oom_message(config: RunConfig, estimate, device: torch.device) -> str:
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    have = f", {free / 2**30:.1f} GiB free" if free is not None else ""
+    have = f", {free / 2**30:.1f} GiB free now" if free is not None else ""
+    ways = [f"--max-batch-tokens {max(1, estimate.plan.largest_padded_tokens // 2)}"]
+    if not config.metrics_only:
+        ways.append("--metrics-only")
+    ways += ["fewer --layers or --taps", "splitting the batch"]
     return (
-        f"out of memory on {device} (the held taps of one path alone need about {need / 2**30:.2f} GiB{have}); "
-        "trace less with --taps, --layers or --metrics-only, or use shorter sequences"
+        f"out of memory on {device} (pre-flight estimated a peak of {estimate.device_peak / 2**30:.2f} GiB{have}); "
+        f"try {', '.join(ways)}"
     )
 
 
@@ -264,6 +261,7 @@ class _Plan:
     rule: Rule
     out: Path
     plugins: dict
+    estimate: preflight.Estimate
 
 
 def _prepare(config: RunConfig, sequences: list[Sequence], say, loaded, timings: dict) -> _Plan:
@@ -283,21 +281,52 @@ def _prepare(config: RunConfig, sequences: list[Sequence], say, loaded, timings:
     if config.out and Path(config.out).exists() and not config.force:  # before a long model load
         raise TracerError(f"{config.out} exists; pass --force to overwrite it or --out to choose another path")
 
+    if config.max_batch_tokens is not None and config.max_batch_tokens < 0:
+        raise TracerError(f"--max-batch-tokens must be 0 (one batch) or a positive number of padded tokens, got {config.max_batch_tokens}")
+    arch = loaded[1] if loaded is not None else models.peek_architecture(config.model, config.weights, config.trust_checkpoint)
+    names = select_taps(arch.num_layers, list(config.taps) if config.taps else None, list(config.layers) if config.layers is not None else None)
+    if config.local and not (EMBED in names and all(tap_name(i, "resid_out") in names for i in range(arch.num_layers - 1))):
+        raise TracerError("--local re-runs each layer on its recorded input: it needs all layers and the embed and resid_out taps")
+    rule = config.rule or default_rule(dtype_name(dtype), ref_dtype is not None)
+    if rule.kind == "noise" and ref_dtype is None:
+        raise TracerError("the noise-aware rule needs a reference; use --reference fp32/fp64 or --rule plain")
+    out = Path(config.out) if config.out else default_out(arch.name, dtype_name(dtype), sequences)
+    estimate = _preflight(config, arch, names, sequences, dtype, ref_dtype, device, out, plugins["unpacked"] is None)
+    say(estimate.describe())
+
     t0 = time.perf_counter()
     if loaded is None:
         loaded = models.load_model(config.model, config.weights, config.seed, config.trust_checkpoint, progress=say)
     model, arch, weights = loaded
     timings["load"] = time.perf_counter() - t0
-    names = select_taps(arch.num_layers, list(config.taps) if config.taps else None, list(config.layers) if config.layers is not None else None)
-    if config.local and not (EMBED in names and all(tap_name(i, "resid_out") in names for i in range(arch.num_layers - 1))):
-        raise TracerError("--local re-runs each layer on its recorded input: it needs all layers and the embed and resid_out taps")
     batch = encode(sequences, model.alphabet, config.pack_order)
     _validate_faults(config.faults, batch, arch.num_layers)
-    rule = config.rule or default_rule(dtype_name(dtype), ref_dtype is not None)
-    if rule.kind == "noise" and ref_dtype is None:
-        raise TracerError("the noise-aware rule needs a reference; use --reference fp32/fp64 or --rule plain")
-    out = Path(config.out) if config.out else default_out(arch.name, dtype_name(dtype), sequences)
-    return _Plan(model, arch, weights, device, dtype, ref_dtype, backend, batch, names, rule, out, plugins)
+    return _Plan(model, arch, weights, device, dtype, ref_dtype, backend, batch, names, rule, out, plugins, estimate)
+
+
+def _preflight(config: RunConfig, arch, names, sequences, dtype, ref_dtype, device, out: Path, can_split: bool):
+    """Estimate the run before loading and check it against what is free (:mod:`tracer.preflight`)."""
+    n_tokens = [s.n_tokens for s in sequences]
+    all_layers = sorted({parse_tap(n)[0] for n in names if parse_tap(n)[0] is not None})
+    taps = list(config.taps) if config.taps else [EMBED, *SITES, FINAL]
+    sites = [t for t in SITES if t in taps]
+
+    def est_for(max_batch_tokens=None, metrics_only=None, layers=None, sites=None, n_sequences=None):
+        chosen = names
+        if layers is not None or sites is not None:
+            keep = [t for t in taps if t not in SITES] + list(sites if sites is not None else [t for t in taps if t in SITES])
+            chosen = select_taps(arch.num_layers, keep, layers if layers is not None else all_layers)
+        tokens = sorted(n_tokens, reverse=True)[:n_sequences] if n_sequences else n_tokens
+        mbt = config.max_batch_tokens if max_batch_tokens is None else max_batch_tokens
+        return preflight.estimate(
+            arch, tokens, chosen, dtype, ref_dtype,
+            metrics_only=config.metrics_only if metrics_only is None else metrics_only,
+            local=config.local, max_batch_tokens=(mbt or 0) if can_split else 0, device=device.type,
+        )
+
+    free = preflight.free_resources(out, device)
+    options = {"metrics_only": config.metrics_only, "layers": all_layers, "sites": sites, "n_sequences": len(sequences)}
+    return preflight.check(est_for, free, config.max_batch_tokens is None and can_split, options)
 
 
 def _check_plugin_options(config: RunConfig, plugins: dict) -> None:
@@ -311,6 +340,8 @@ def _check_plugin_options(config: RunConfig, plugins: dict) -> None:
             raise TracerError("perturbations of the packed side need the built-in packed path (perturb the unpacked side, or edit your plug-in)")
     if plugins["unpacked"] is not None and f.perturbations_of("unpacked"):
         raise TracerError("perturbations of the unpacked side need fair-esm's own forward (--unpacked fair-esm)")
+    if plugins["unpacked"] is not None and config.max_batch_tokens:
+        raise TracerError("--max-batch-tokens splits fair-esm's padded forward; an unpacked plug-in gets the batch as it is (use --max-batch-tokens 0)")
     if config.local and (plugins["packed"] is not None or plugins["unpacked"] is not None):
         raise TracerError("--local re-runs single layers of the built-in paths; it does not apply to a plug-in")
 
@@ -355,7 +386,7 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
     ``loaded`` may be ``(model, arch, weights)`` from :func:`tracer.models.load_model`, to reuse a
     model across runs (its precision and device are set by the run).
     """
-    say = _Say(quiet)
+    say = Progress(quiet)
     timings: dict[str, float] = {}
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first use)
     return_freed_memory()
@@ -371,8 +402,11 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
         clock = _Clock(device, timings)
         write_stats: dict = {}
         notes: list[str] = []
+        ledger = Ledger()
+        base_allocated = None
         try:
-            models.set_precision(model, device, dtype)
+            with clock("to_device"):
+                models.set_precision(model, device, dtype, progress=say)
             unpacked, packed, packed_builtin = _build_paths(config, plan)
             with clock("probe"):
                 names, missing = _settle_taps([unpacked, packed], names, say)
@@ -384,35 +418,40 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
                 meta["packed_rope"] = "plug-in's own"
             meta["uncaptured"] = missing
             meta.update(determinism)  # what torch reports during the run
+            meta["batching"] = {**plan.estimate.plan.to_meta(), "chosen_by": "user" if config.max_batch_tokens is not None else "pre-flight"}
+            meta["preflight"] = plan.estimate.to_dict()
             say(
                 f"{arch.name} {dtype_name(dtype)} on {meta['environment']['device_name']} ({device}); attention {plan.backend.name}; "
                 f"reference {meta['reference_dtype'] or 'none'}; {len(names)} taps x {batch.layout.n_tokens} tokens"
             )
-            async_writer = None if config.metrics_only else AsyncTapWriter(writer)
+            async_writer = None if config.metrics_only else AsyncTapWriter(writer, budget=plan.estimate.layer_tap_bytes, ledger=ledger)
             keep = {"unpacked", "reference"} if config.local else set()
-            collector = Collector(names, run_paths, dtype, async_writer, keep=keep)
+            collector = Collector(names, run_paths, dtype, async_writer, keep=keep, ledger=ledger)
             pooled: dict[str, np.ndarray] = {}  # path -> (S, E) mean-pooled final embeddings
 
             def recorder(path: str):
                 return _pooling(collector.recorder(path), path, pooled, batch.layout, names)
 
+            if device.type == "cuda":  # the run's own peak, from the weights in the run dtype on
+                torch.cuda.reset_peak_memory_stats(device)
+                base_allocated = torch.cuda.memory_allocated(device)
             for path in (unpacked, packed):
                 say(f"{path.name} path: {path.describe(batch)}, {dtype_name(dtype)}")
-                with clock(path.name), say.layers(model.layers, path.name):
-                    output = path.run(batch, names, recorder(path.name))
+            if ref_dtype is not None:
+                say(f"reference path: fair-esm forward in {dtype_name(ref_dtype)} on up-cast weights (one layer at a time)")
+            say(f"running the paths in lockstep, layer by layer{_describe_split(plan.estimate.plan, batch)}")
+            with clock("paths"):
+                seconds, outputs = _run_paths(model, sequences, batch, names, collector, recorder, ref_dtype, config.faults,
+                                              plan.estimate.plan, unpacked, packed, say)
+            timings.update(seconds)
+            for output in outputs:
                 notes += output.notes
                 for note in output.notes:
                     say(f"note: {note}")
-            if ref_dtype is not None:
-                say(f"reference: fair-esm forward in {dtype_name(ref_dtype)} on the same weights")
-                with clock("reference"), models.strict_fp32_matmul(), say.layers(model.layers, "reference"):
-                    models.set_precision(model, device, ref_dtype)
-                    FairEsmPath(model, name="reference").run(batch, names, recorder("reference"))
             local_table = {}
             if config.local:
                 say("local: re-running every layer on the other side's recorded input")
                 with clock("local"):
-                    models.set_precision(model, device, dtype)
                     local_table = _local(model, packed_builtin, batch, names, collector, dtype, arch.num_layers)
             with clock("metrics"):
                 table = MetricsTable(names, collector.table(), local_table, collector.present())
@@ -423,11 +462,11 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
                 summary = judge(table, batch.layout, batch.ids, plan.rule, context, trace=str(plan.out))
             with clock("write_wait"):
                 if async_writer is not None:
-                    async_writer.close()
+                    async_writer.close(progress=say, total=plan.estimate.trace_bytes)
                     write_stats = async_writer.stats
                     async_writer = None
         except torch.cuda.OutOfMemoryError:
-            raise TracerError(_oom_message(names, batch, arch, dtype, device)) from None
+            raise TracerError(_oom_message(config, plan.estimate, device)) from None
         except (RuntimeError, NotImplementedError) as e:
             if "not implemented for" not in str(e) and not isinstance(e, NotImplementedError):
                 raise
@@ -439,6 +478,12 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
             if async_writer is not None:  # failure path: stop the thread before the file is removed
                 with contextlib.suppress(BaseException):
                     async_writer.close()
+        meta["memory"] = {
+            "peak_held_tap_bytes": ledger.peak,
+            "layer_tap_bytes": plan.estimate.layer_tap_bytes,
+            "device_peak_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "device_allocated_before_paths": base_allocated,
+        }
         with clock("commit"):
             writer.write_metrics("metrics", names, table.pairs, table.present)
             if local_table:
@@ -451,7 +496,72 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
             path = writer.commit()
         write_stats["commit_seconds"] = writer.commit_seconds
     timings["total"] = time.perf_counter() - t0 - timings["load"]
-    return Result(path, summary, timings, bytes_written, write_stats, notes)
+    return Result(path, summary, timings, bytes_written, write_stats, notes, meta["memory"], plan.estimate)
+
+
+def _describe_split(plan: SubBatches, batch: Batch) -> str:
+    if len(plan.groups) == 1:
+        return ""
+    return f"; fair-esm's padded batch in {len(plan.groups)} length-sorted sub-batches of <= {plan.max_tokens} padded tokens"
+
+
+def _run_paths(model, sequences, batch: Batch, names, collector: Collector, recorder, ref_dtype, faults: Faults, plan: SubBatches,
+               unpacked: TracedPath, packed: TracedPath, say) -> tuple[dict, list]:
+    """Every path over the batch, in lockstep layer by layer (:mod:`tracer.lockstep`).
+
+    ``unpacked`` and ``packed`` run as built (fair-esm's forward, the built-in packed forward or
+    a plug-in); fair-esm's forward runs once per sub-batch of ``plan``. ``reference``: fair-esm's
+    ``ESM2.forward`` on each sub-batch, on an up-cast twin of the model
+    (:func:`tracer.models.upcast_twin`, one layer of ``ref_dtype`` weights at a time), with
+    full-float32 matmuls. After each layer, the layer's pairs are computed and its taps let go.
+    ``recorder(path)`` is the record callback of a whole path. Returns turn seconds per path and
+    the paths' outputs (notes).
+    """
+    whole = len(plan.groups) == 1 and plan.groups[0] == tuple(range(len(sequences)))
+    parts = [batch] if whole else [encode([sequences[i] for i in g], model.alphabet, "given") for g in plan.groups]
+    rows = plan.rows(batch.layout)
+    streams: list[Stream] = []
+    outputs: list = []
+
+    def stream(name: str, path: TracedPath, part: Batch, record, context=None):
+        def run(rec):
+            outputs.append(path.run(part, names, rec))
+
+        streams.append(Stream(name, run, record, context))
+
+    def fair_esm(side: str, net, side_faults, context=None):
+        join = Assembler(rows, batch.layout.n_tokens, recorder(side), collector.ledger)
+        for k, (group, part) in enumerate(zip(plan.groups, parts)):
+            f = sub_faults(side_faults, group) if side_faults is not None else None
+            stream(f"{side}[{k}]", FairEsmPath(net, f, name=side), part, join.recorder(k), context)
+
+    groups = sorted({tap_group(n) for n in names})
+    batch_device = model.embed_tokens.weight.device
+    done = [0]
+
+    def on_group(group: int) -> None:
+        collector.flush()
+        done[0] += 1
+        say.tick("forwards", done[0], len(groups), "layers")
+
+    with contextlib.ExitStack() as stack:
+        if isinstance(unpacked, FairEsmPath):
+            fair_esm("unpacked", model, faults)
+        else:  # a plug-in gets the user's batch as it is
+            stream("unpacked", unpacked, batch, recorder("unpacked"))
+        stream("packed", packed, batch, recorder("packed"))
+        if ref_dtype is not None:
+            twin = stack.enter_context(models.upcast_twin(model, ref_dtype))
+            fair_esm("reference", twin, None, models.strict_fp32_matmul)
+        try:
+            run_lockstep(streams, groups, on_group, device=batch_device)
+        finally:
+            say.tick_done()
+    seconds: dict[str, float] = {}
+    for s_ in streams:
+        side = s_.name.split("[")[0]
+        seconds[side] = seconds.get(side, 0.0) + s_.seconds
+    return seconds, outputs
 
 
 def _pooling(record, path: str, pooled: dict, layout, names: list[str]):

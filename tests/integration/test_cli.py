@@ -102,3 +102,9 @@ def test_bench_write_is_timed_to_durable_data(tmp_path, monkeypatch):
     seconds, nbytes = bench.tracer_write(folder, trace)
     assert nbytes == want and seconds > 0 and synced
     assert not list(folder.iterdir())
+def test_negative_max_batch_tokens_is_one_line_error(capsys):
+    from tracer.run import main
+
+    assert main(["--model", "esm2_t6_8M_UR50D", "--weights", "random", "--max-batch-tokens", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "tracer: error: --max-batch-tokens must be 0" in err and "Traceback" not in err

@@ -72,3 +72,53 @@ def test_plugin_bug_found_on_cuda(tmp_path):
     fd = s.first_divergence
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected
     assert s.attribution.drifting == "packed"
+def test_pinned_staging_copies_the_weights_bit_for_bit():
+    from tracer.models import architecture, build_random, to_device_pinned
+
+    a = build_random(architecture(SMALL), 0)
+    b = build_random(architecture(SMALL), 0)
+    moved = to_device_pinned(a, CUDA, chunk=1 << 16)  # small chunks: both staging buffers cycle
+    b.to(CUDA)
+    assert moved > 0
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sb:
+        assert sa[k].is_cuda and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert a.lm_head.weight is a.embed_tokens.weight  # tied weights stay tied
+
+
+def test_lockstep_reference_on_cuda_is_the_in_place_fp32_reference(tmp_path):
+    from tracer.models import load_model, set_precision, strict_fp32_matmul
+    from tracer.paths import encode, run_unpacked
+
+    seqs = debug_batch(300)
+    result = run(tmp_path, seqs, device="cuda", dtype="bfloat16")
+    model, arch, _ = load_model(SMALL, "random", 0)
+    set_precision(model, CUDA, torch.bfloat16)
+    set_precision(model, CUDA, torch.float32)  # the 0.1 way: the whole model up-cast in place
+    expected = {}
+    with torch.inference_mode(), strict_fp32_matmul():
+        run_unpacked(model, encode(seqs, model.alphabet), result.summary.taps, expected.__setitem__)
+    with open_trace(result.path) as t:
+        for name in ("embed", "layers.2.q_rope", "layers.5.resid_out", "final_norm"):
+            assert torch.equal(t.tap("reference", name), expected[name].cpu()), name
+
+
+def test_sub_batches_on_cuda_give_the_same_verdict(tmp_path):
+    from tracer.faults import Faults, Perturbation
+
+    faults = Faults(perturbations=(Perturbation("unpacked", "layers.3.ffn_out", 3, 200),))
+    one = run(tmp_path, debug_batch(400), name="one.h5", device="cuda", faults=faults, max_batch_tokens=0)
+    split = run(tmp_path, debug_batch(400), name="split.h5", device="cuda", faults=faults, max_batch_tokens=500)
+    assert len(split.estimate.plan.groups) > 1
+    a, b = one.summary.first_divergence, split.summary.first_divergence
+    assert (a.layer, a.tap, a.sequence, a.token) == (b.layer, b.tap, b.sequence, b.token) == (3, "ffn_out", "large", 200)
+
+
+def test_device_memory_bounded_by_one_layer_on_cuda(tmp_path):
+    from tracer.bench import production_batch
+
+    r = run(tmp_path, production_batch(16), device="cuda", metrics_only=True)
+    m, est = r.memory, r.estimate
+    above = m["device_peak_allocated"] - m["device_allocated_before_paths"]
+    assert above <= 4 * (m["layer_tap_bytes"] + est.workspace_bytes)
+    assert m["peak_held_tap_bytes"] <= 1.25 * m["layer_tap_bytes"]

@@ -135,7 +135,8 @@ def test_gpu_out_of_memory_is_one_line_and_leaves_no_file(tmp_path, monkeypatch,
 
     monkeypatch.setattr(paths, "run_packed", oom)
     msg = one_line_error(capsys, run_cli.main, [*BASE, "--seq-len", "10", "--out", str(tmp_path / "t.h5")], "out of memory on cpu")
-    assert "--taps, --layers or --metrics-only" in msg and "GiB" in msg
+    # the ways out, from the pre-flight estimate (the user asked for full tensors: --metrics-only is one)
+    assert "--max-batch-tokens" in msg and "--metrics-only" in msg and "--layers" in msg and "GiB" in msg
     assert not list(tmp_path.iterdir())
 
 

@@ -222,3 +222,25 @@ def test_traced_unpacked_path_is_fair_esm_as_loaded(tmp_path, dtype):
         assert got.dtype == want.dtype and torch.equal(got, want)
         if dtype == "float32":  # the packed path's float32 RoPE uses the same loaded frequencies
             assert torch.equal(t.tap("packed", "layers.0.q_rope"), t.tap("unpacked", "layers.0.q_rope"))
+def test_upcast_twin_computes_what_the_model_converted_in_place_computes():
+    """The reference's twin (one up-cast layer at a time) == the whole model up-cast in place, bit for bit."""
+    from tracer.models import upcast_twin
+    from tracer.paths import encode, run_unpacked
+    from tracer.sequences import debug_batch
+    from tracer.taps import tap_names
+
+    model, arch, _ = load_model("esm2_t6_8M_UR50D", "random", seed=0)
+    cpu = torch.device("cpu")
+    batch = encode(debug_batch(60), model.alphabet)
+    names = tap_names(arch.num_layers)
+    set_precision(model, cpu, torch.bfloat16)
+    twin_taps, full_taps = {}, {}
+    with torch.inference_mode(), upcast_twin(model, torch.float32) as twin:
+        run_unpacked(twin, batch, names, twin_taps.__setitem__)
+        assert all(p.is_meta for layer in twin.layers for p in layer.parameters())  # each layer let go after use
+    assert model.layers[0].fc1.weight.dtype == torch.bfloat16  # the model itself untouched
+    set_precision(model, cpu, torch.float32)
+    with torch.inference_mode():
+        run_unpacked(model, batch, names, full_taps.__setitem__)
+    for n in names:
+        assert twin_taps[n].dtype == torch.float32 and torch.equal(twin_taps[n], full_taps[n]), n
