@@ -104,7 +104,13 @@ def _write_slim(trace, dest: Path, budget: int) -> list[str]:
 
 
 def _fmt(x, digits=3) -> str:
-    return "-" if x is None else f"{x:.{digits}g}"
+    return "nan" if x is None else f"{x:.{digits}g}"  # a metric is null in the summary when it is NaN/Inf
+
+
+def _worst_of(values) -> float | None:
+    """Largest value; ``None`` (NaN/Inf, printed ``nan``) if any is, never skipped."""
+    values = list(values)
+    return None if any(v is None for v in values) else max(values, default=None)
 
 
 def report_markdown(summary: dict, meta: dict, trace, slim_taps: list[str], plots: list[str]) -> str:
@@ -115,10 +121,11 @@ def report_markdown(summary: dict, meta: dict, trace, slim_taps: list[str], plot
     if fd:
         at = f"layer {fd['layer']}, {fd['tap']}" if fd["layer"] is not None else fd["tap"]
         noise = f" = {summary['rule']['noise_factor']:g} x noise {fd['noise']:.3g}" if fd.get("noise") else ""
+        values = ("a NaN or Inf value" if fd.get("non_finite") else
+                  f"cos {_fmt(fd['cos'], 6)}, rel L2 {_fmt(fd['rel_l2'])}, max abs {_fmt(fd['max_abs'])}")
         lines.append(
             f"**First divergence**: {at}, sequence `{fd['sequence']}`, token {fd['token']} "
-            f"(packed vs unpacked: cos {_fmt(fd['cos'], 6)}, rel L2 {_fmt(fd['rel_l2'])}, "
-            f"max abs {_fmt(fd['max_abs'])}; threshold {_fmt(fd['threshold'])}{noise})."
+            f"(packed vs unpacked: {values}; threshold {_fmt(fd['threshold'])}{noise})."
         )
     else:
         lines.append("**No divergence**: packed and unpacked agree at every traced tap and token.")
@@ -159,8 +166,8 @@ def report_markdown(summary: dict, meta: dict, trace, slim_taps: list[str], plot
         t = taps[worst]
         row = f"| {entry['layer']} | {worst} | {_fmt(t['max_rel_l2'])} | {_fmt(t['min_cos'], 6)} | {sum(x['diverged_tokens'] for x in taps.values())} |"
         if has_ref:
-            u = max((x["vs_reference"]["unpacked"]["max_rel_l2"] or 0) for x in taps.values())
-            p = max((x["vs_reference"]["packed"]["max_rel_l2"] or 0) for x in taps.values())
+            u = _worst_of(x["vs_reference"]["unpacked"]["max_rel_l2"] for x in taps.values())
+            p = _worst_of(x["vs_reference"]["packed"]["max_rel_l2"] for x in taps.values())
             row += f" {_fmt(u)} | {_fmt(p)} |"
         lines.append(row)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots if p.endswith(".png")]

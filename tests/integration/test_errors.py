@@ -168,7 +168,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, exc):
 
 SLOW_PACKED_PATH = """
 import sys, time
-from tracer import tracing
+from tracer import paths
 from tracer.run import main
 
 def stuck(*args, **kwargs):  # the packed path never finishes: Ctrl-C must find the run mid-flight
@@ -176,7 +176,7 @@ def stuck(*args, **kwargs):  # the packed path never finishes: Ctrl-C must find 
     while True:
         time.sleep(0.05)
 
-tracing.run_packed = stuck
+paths.run_packed = stuck
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -200,6 +200,7 @@ def test_sigint_during_a_real_run(tmp_path):
             seen.append(line)
             if "packed path under way" in line:
                 break
+        assert seen and "packed path under way" in seen[-1], seen  # the run is held mid-flight
         assert partial_path(out).exists(), seen  # there is a half-written trace to clean up
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)

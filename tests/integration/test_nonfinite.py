@@ -39,6 +39,13 @@ def test_planted_non_finite_value_is_the_first_divergence(tmp_path, capsys, valu
     text = capsys.readouterr().out
     assert "FIRST DIVERGENCE at layer 2, ffn_out, sequence large, token 5" in text and "a NaN or Inf value" in text
     assert any(line.startswith("layers.2.ffn_out ") and " nan " in line for line in text.splitlines())
+    if value == "nan":  # the bug-report bundle shows it too, rather than a dash or a 0
+        from tracer import bundle
+
+        assert bundle.main([str(out), "-o", str(tmp_path / "report")]) == 0
+        report = (tmp_path / "report" / "report.md").read_text()
+        assert "token 5 (packed vs unpacked: a NaN or Inf value;" in report
+        assert "| 2 | ffn_out | nan | nan | 2 |" in report and report.count(" | nan |") >= 4
 
 
 def test_checkpoint_with_one_nan_weight(tmp_path, capsys):
