@@ -166,17 +166,17 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, exc):
     assert not list(tmp_path.iterdir())  # neither the trace nor its .partial
 
 
-SLOW_PACKED_PATH = """
+HELD_RUN = """
 import sys, time
-from tracer import paths
+from tracer import tracing
 from tracer.run import main
 
-def stuck(*args, **kwargs):  # the packed path never finishes: Ctrl-C must find the run mid-flight
-    print("tracer: packed path under way", file=sys.stderr, flush=True)
+def held(*args, **kwargs):  # every path has run and the partial file is open: Ctrl-C must find it mid-run
+    print("tracer: judging under way", file=sys.stderr, flush=True)
     while True:
         time.sleep(0.05)
 
-paths.run_packed = stuck
+tracing.judge = held
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -189,18 +189,18 @@ def _default_sigint():
 
 def test_sigint_during_a_real_run(tmp_path):
     out = tmp_path / "t.h5"
-    cmd = [sys.executable, "-c", SLOW_PACKED_PATH, "--model", SMALL, "--weights", "random", "--device", "cpu",
+    cmd = [sys.executable, "-c", HELD_RUN, "--model", SMALL, "--weights", "random", "--device", "cpu",
            "--seq-len", "20", "--out", str(out)]
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     watchdog = threading.Timer(120, p.kill)  # never hang the suite on a child that misses the signal
     watchdog.start()
     try:
         seen = []
-        for line in p.stderr:  # wait until the unpacked path is done and the packed one under way
+        for line in p.stderr:  # wait until the forwards are done and the verdict under way
             seen.append(line)
-            if "packed path under way" in line:
+            if "judging under way" in line:
                 break
-        assert seen and "packed path under way" in seen[-1], seen  # the run is held mid-flight
+        assert seen and "judging under way" in seen[-1], seen  # the run is held mid-flight
         assert partial_path(out).exists(), seen  # there is a half-written trace to clean up
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
