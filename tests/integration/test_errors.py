@@ -168,7 +168,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, exc):
 
 SLOW_PACKED_PATH = """
 import sys, time
-from tracer import tracing
+from tracer import paths
 from tracer.run import main
 
 def stuck(*args, **kwargs):  # the packed path never finishes: Ctrl-C must find the run mid-flight
@@ -176,7 +176,7 @@ def stuck(*args, **kwargs):  # the packed path never finishes: Ctrl-C must find 
     while True:
         time.sleep(0.05)
 
-tracing.run_packed = stuck
+paths.run_packed = stuck  # what the built-in packed path calls
 sys.exit(main(sys.argv[1:]))
 """
 
