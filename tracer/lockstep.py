@@ -17,7 +17,8 @@ parked stream holds on its stack); a stream's activations stay alive while it is
 residual stream, O(one layer)), its attention workspace does not.
 
 Errors raised in a stream (out of memory, a bug) stop every other stream (their next ``record``
-raises :class:`Aborted`) and are re-raised in the calling thread, as is Ctrl-C.
+raises :class:`Aborted`) and are re-raised in the calling thread, as is Ctrl-C; a stream that
+does not reach a tap within :data:`STOP_SECONDS` is left to die with the process.
 
 Example::
 
@@ -38,6 +39,8 @@ import torch
 from tracer.taps import EMBED, FINAL, parse_tap
 
 FINAL_GROUP = 1 << 30
+STOP_SECONDS = 5.0
+"""How long an interrupted run waits for the other streams to reach a tap and stop."""
 
 
 def tap_group(name: str) -> int:
@@ -152,7 +155,10 @@ def run_lockstep(streams: list[Stream], groups: list[int], on_group: Callable[[i
     finally:
         for s in streams:
             s._abort = True
+        deadline = time.monotonic() + STOP_SECONDS
         for s, t in zip(streams, threads):
-            while t.is_alive():  # a running stream parks at its next tap, then sees the abort
+            while t.is_alive() and time.monotonic() < deadline:  # a stream stops at its next tap
                 s._go.set()
                 t.join(0.05)
+        # a stream still inside a long call (a hung plug-in) is left behind: it is a daemon
+        # thread, and its next tap raises Aborted, so it records and writes nothing more
