@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ import torch
 from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
 from tracer.metrics import METRICS, metrics_table, norms, token_metrics
-from tracer.store import Trace, from_numpy, open_trace
+from tracer.store import Trace, from_numpy, open_trace, reading
 from tracer.report import PAIRS, batch_description, default_rule, summary_context
 from tracer.verdict import PAIR, ROUNDED, MetricsTable, Point, Rule, Summary, judge
 from tracer.taps import parse_tap
@@ -46,9 +47,13 @@ def stored_table(trace: Trace) -> MetricsTable:
 
     def read(group: str) -> tuple[list[str], dict, dict]:
         g = trace.file[group]
-        taps = [t.decode() if isinstance(t, bytes) else t for t in g["taps"][()]]
-        pairs = {p: {m: g[p][m][()] for m in METRICS} for p in g if p != "taps"}
-        present = {p: g[p]["present"][()].astype(bool) for p in g if p != "taps" and "present" in g[p]}
+        taps = [t.decode() if isinstance(t, bytes) else t for t in trace._small(f"{group}/taps")]
+        pairs = {p: {m: trace._small(f"{group}/{p}/{m}") for m in METRICS} for p in g if p != "taps"}
+        present = {p: trace._small(f"{group}/{p}/present").astype(bool) for p in g if p != "taps" and "present" in g[p]}
+        for p, by_metric in pairs.items():
+            for m, values in by_metric.items():
+                if values.shape != (len(taps), trace.n_tokens):
+                    raise TracerError(f"{trace.path} is damaged: {group}/{p}/{m} has shape {values.shape}, expected {(len(taps), trace.n_tokens)}")
         return taps, pairs, present
 
     taps, pairs, present = read("metrics")
@@ -68,12 +73,20 @@ class _Stored:
     np_dtype: np.dtype
     dtype: str
     offset: int | None
+    crc32: int | None
+    path: str
 
 
 def _layout(trace: Trace, path: str, name: str) -> _Stored:
     ds = trace.file[f"taps/{path}/{name}"]
+    dtype = trace.checked_dtype(ds)
     offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
-    return _Stored(ds.name, ds.shape, ds.dtype, trace.tap_dtype(path, name), offset)
+    if offset is not None and offset + ds.dtype.itemsize * int(np.prod(ds.shape)) > os.path.getsize(trace.path):
+        raise TracerError(f"{trace.path} is truncated or damaged (tap {ds.name} lies beyond the end of the file)")
+    crc = ds.attrs.get("crc32")
+    if trace.checksums and crc is None:
+        raise TracerError(f"{trace.path} is damaged: {ds.name} has no checksum")
+    return _Stored(ds.name, ds.shape, ds.dtype, dtype, offset, None if crc is None else int(crc) & 0xFFFFFFFF, str(trace.path))
 
 
 class _Worker:
@@ -120,6 +133,11 @@ class _Reader:
         else:
             with self.lock:
                 self.trace.file[st.key].read_direct(raw)
+        if st.crc32 is not None and zlib.crc32(raw.reshape(-1).view(np.uint8)) != st.crc32:
+            raise TracerError(
+                f"{st.path} is damaged: {st.key} fails its checksum (stored crc32 {st.crc32:08x}); "
+                "no verdict is given from damaged data"
+            )
         return from_numpy(raw, st.dtype).reshape(st.shape[0], -1)
 
 
@@ -200,7 +218,11 @@ def recomputed_table(trace: Trace, workers: int | None = None) -> MetricsTable:
 def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) -> Summary:
     """Judge one trace (recomputing metrics from tensors when it has them)."""
     has_tensors = trace.meta.get("tensors", "full") == "full" and {"unpacked", "packed"} <= set(trace.paths)
-    table = recomputed_table(trace) if recompute and has_tensors else stored_table(trace)
+    if recompute and has_tensors:
+        table = recomputed_table(trace)
+        cross_check(trace, table, stored_table(trace))
+    else:
+        table = stored_table(trace)
     meta = trace.meta
     has_ref = table.has("packed-vs-reference")
     rule = rule or default_rule(meta["dtype"], has_ref)
@@ -210,6 +232,34 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
     seqs = trace.sequences
     batch = batch_description(seqs, meta.get("pack_order", "given"))
     return judge(table, trace.layout, ids, rule, summary_context(meta, batch), trace=str(trace.path))
+
+
+CROSS_CHECK = {"rtol": 1e-3, "atol": 1e-6}
+"""How closely recomputed metrics must match the stored run-time ones. On the CPU they are
+bit-identical; on CUDA the run-time sums are reduced on the device in another order."""
+
+
+def cross_check(trace: Trace, recomputed: MetricsTable, stored: MetricsTable) -> None:
+    """Raise :class:`TracerError` where metrics recomputed from the tensors disagree with the
+    ones the run stored (same NaN/Inf pattern, values within :data:`CROSS_CHECK`)."""
+    if list(recomputed.taps) != list(stored.taps):
+        raise TracerError(f"{trace.path} is damaged: its stored metrics list other taps than its tensors")
+    for pair, by_metric in recomputed.pairs.items():
+        if pair not in stored.pairs:
+            raise TracerError(f"{trace.path} is damaged: it has tensors for {pair} but no stored metrics")
+        for metric, values in by_metric.items():
+            a, b = np.asarray(values, np.float64), np.asarray(stored.pairs[pair][metric], np.float64)
+            with np.errstate(invalid="ignore"):
+                same = (a == b) | (np.isnan(a) & np.isnan(b)) | np.isclose(a, b, **CROSS_CHECK)
+            if not same.all():
+                i, col = (int(x[0]) for x in np.nonzero(~same))
+                seq, tok = trace.layout.token(col)
+                raise TracerError(
+                    f"{trace.path} is damaged: the stored {pair} {metric} of {recomputed.taps[i]}, sequence "
+                    f"{trace.sequences[seq].id}, token {tok} is {b[i, col]:.6g} but the tensors give {a[i, col]:.6g}; "
+                    "no verdict is given from inconsistent data"
+                )
+
 
 
 def check_comparable(a: Trace, b: Trace) -> list[str]:
@@ -329,8 +379,14 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
     p.add_argument("--table", action="store_true", help="also print the per-tap table (text output)")
     p.add_argument("--stored", action="store_true", help="use the metrics stored at run time instead of recomputing them from the tensors")
+    p.add_argument("--verify", action="store_true", help="first check every checksum in the file(s) (all data read once); damaged files are named")
     add_rule_options(p)
     return p
+
+
+def _verify(trace: Trace) -> None:
+    n = trace.verify()
+    print(f"tracer: {trace.path}: {n} checksums verified", file=sys.stderr)
 
 
 @main_guard
@@ -339,11 +395,15 @@ def main(argv=None) -> int:
     if len(args.traces) > 2:
         raise TracerError("give one trace to judge, or two to compare with each other")
     if len(args.traces) == 2:
-        with open_trace(args.traces[0]) as a, open_trace(args.traces[1]) as b:
+        with open_trace(args.traces[0]) as a, open_trace(args.traces[1]) as b, reading(a.path, b.path):
+            if args.verify:
+                _verify(a), _verify(b)
             result = compare_traces(a, b, global_threshold(args))
         print(json.dumps(result, indent=2) if args.json else format_two(result))
         return 0
-    with open_trace(args.traces[0]) as t:
+    with open_trace(args.traces[0]) as t, reading(t.path):
+        if args.verify:
+            _verify(t)
         rule = rule_from_args(args, t.meta["dtype"], has_reference="reference_dtype" in t.meta and t.meta["reference_dtype"] is not None)
         summary = summarize(t, rule, recompute=not args.stored)
     print(json.dumps(summary.to_json(), indent=2) if args.json else summary.format_text(table=args.table))

@@ -26,9 +26,17 @@ bfloat16 tap is stored as its raw 16-bit patterns in a ``uint16`` dataset with a
 ``torch.from_numpy(a).view(torch.bfloat16)``, or without torch with
 ``(a.astype(np.uint32) << 16).view(np.float32)`` (exact). :func:`open_trace` does this for you.
 
-A trace is written to ``<path>.partial`` and renamed into place only once complete, flushed
-and closed, so a file at the final path is always whole; readers refuse files without
-``complete=True``.
+A trace is written to a partial file unique to the run (``<path>.<pid>-<random>.partial``,
+created exclusively) and moved into place only once complete, flushed and fsynced, without
+replacing a file that appeared meanwhile (unless ``force``; :mod:`tracer.files`), so a file at
+the final path is always whole; readers refuse files without ``complete=True``.
+
+Checksums (schema 2): every dataset carries a ``crc32`` attribute (zlib CRC-32 of its bytes as
+written: tap data on the host bytes the writer already holds, strings joined by NUL), and the
+``meta`` and ``summary`` records carry ``meta_crc32``/``summary_crc32``. Readers verify the small
+datasets and records on open and a tap's data whenever it is read whole (:meth:`Trace.tap`,
+the comparator); :meth:`Trace.verify` checks everything (``tracer.compare --verify``). Schema-1
+files (tracer 0.1) have no checksums and are read unverified.
 
 Example::
 
@@ -40,9 +48,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,18 +60,36 @@ import h5py
 import numpy as np
 import torch
 
+from tracer import files
 from tracer.errors import TracerError
 from tracer.packing import Layout
 
 FORMAT = "tracer-trace"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: per-dataset ``crc32`` checksums (1: tracer 0.1, no checksums)."""
 BF16_ENCODING = "bfloat16-bits-as-uint16"
 COMPRESSIONS = ("none", "lzf", "gzip")
 _STR = h5py.string_dtype()
 
 
 def partial_path(path: Path) -> Path:
+    """The fixed partial name tracer 0.1 used (``<path>.partial``); runs now use unique names
+    (:func:`tracer.files.partials_of` lists them)."""
     return path.with_name(path.name + ".partial")
+
+
+def checksum(a) -> int:
+    """CRC-32 of an array's bytes (C order); string arrays: their UTF-8 texts joined by NUL."""
+    if isinstance(a, (str, bytes)):
+        return zlib.crc32(a.encode() if isinstance(a, str) else a)
+    a = np.asarray(a)
+    if a.dtype.kind in "OSU":
+        return zlib.crc32(b"\0".join(x.encode() if isinstance(x, str) else bytes(x) for x in a.reshape(-1).tolist()))
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
+NUMPY_DTYPES = {"bfloat16": np.dtype("<u2"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
+"""The on-disk numpy dtype of a tap of each trace dtype (little-endian, as tracer writes them)."""
 
 
 def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -82,28 +110,32 @@ class TraceWriter:
 
     Args:
         path: final file path.
-        force: overwrite an existing file at ``path`` (checked again at commit).
+        force: overwrite an existing file at ``path`` (checked again at commit, without a
+            window: the commit never replaces a file that appeared meanwhile unless ``force``).
         compression: ``none``, ``lzf`` or ``gzip`` (level 4) for tap tensors.
 
-    Use as a context manager: leaving it with an exception (Ctrl-C included) removes the
-    partial file.
+    The work goes to :attr:`partial`, unique to this writer. Use as a context manager: leaving
+    it with an exception (Ctrl-C, SIGTERM and SIGHUP included) removes the partial file. A full
+    disk is one :class:`TracerError` line.
     """
 
     def __init__(self, path: str | Path, force: bool = False, compression: str = "none"):
         self.path = Path(path)
-        self.partial = partial_path(self.path)
         self.force = force
         if compression not in COMPRESSIONS:
             raise TracerError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
         self.compression = None if compression == "none" else compression
-        if self.path.exists() and not force:
-            raise TracerError(f"{self.path} exists; pass --force to overwrite it or --out to choose another path")
+        if str(path) == "":
+            raise TracerError("--out is empty; give a file path")
         if self.path.is_dir():
             raise TracerError(f"{self.path} is a directory; --out takes a file path")
+        files.refuse_existing(self.path, force)
+        self._fd = None
+        self.partial = files.create_partial(self.path)  # ours alone (O_EXCL)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = h5py.File(self.partial, "w")
         except OSError as e:
+            self.partial.unlink(missing_ok=True)
             raise TracerError(f"cannot write {self.partial}: {e.strerror or e}") from None
         self.file.attrs["format"] = FORMAT
         self.file.attrs["schema_version"] = SCHEMA_VERSION
@@ -117,30 +149,46 @@ class TraceWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError):
+                message = files.no_space_message(exc, self.partial, self.path)
+                if message:
+                    raise TracerError(message) from None
         return False
 
     def set_json(self, key: str, value) -> None:
-        self.file.attrs[key] = json.dumps(value, sort_keys=True)
+        text = json.dumps(value, sort_keys=True)
+        self.file.attrs[key] = text
+        self.file.attrs[f"{key}_crc32"] = checksum(text)
+
+    def write_array(self, key: str, data, **kwargs):
+        """A dataset with its ``crc32`` (of ``data`` as given); returns the h5py dataset."""
+        ds = self.file.create_dataset(key, data=data, **kwargs)
+        ds.attrs["crc32"] = checksum(data)
+        return ds
 
     def write_sequences(self, ids, residues, lengths, layout: Layout) -> None:
-        g = self.file.create_group("sequences")
-        g.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
-        g.create_dataset("residues", data=np.array(residues, dtype=object), dtype=_STR)
-        g.create_dataset("lengths", data=np.array(lengths, dtype=np.int64))
-        g.create_dataset("offsets", data=layout.offsets.numpy())
-        g.create_dataset("pack_order", data=np.array(layout.order, dtype=np.int64))
-        g.create_dataset("cu_seqlens", data=layout.cu_seqlens.numpy())
+        g = "sequences/"
+        self.write_array(g + "ids", np.array(ids, dtype=object), dtype=_STR)
+        self.write_array(g + "residues", np.array(residues, dtype=object), dtype=_STR)
+        self.write_array(g + "lengths", np.array(lengths, dtype=np.int64))
+        self.write_array(g + "offsets", layout.offsets.numpy())
+        self.write_array(g + "pack_order", np.array(layout.order, dtype=np.int64))
+        self.write_array(g + "cu_seqlens", layout.cu_seqlens.numpy())
 
     def write_tap(self, path: str, name: str, tensor: torch.Tensor) -> None:
-        """Store one tap (a CPU tensor, canonical layout), losslessly.
+        """Store one tap (a CPU tensor, canonical layout), losslessly, with its CRC-32.
 
         Uncompressed taps are contiguous datasets allocated up front; HDF5 writes their
         metadata and tracer writes their bytes at the dataset's file offset with one
         ``os.pwrite`` (the use ``H5Dget_offset`` exists for), which skips HDF5's per-write
-        overhead and never holds the GIL. Compressed taps go through h5py's chunked path.
+        overhead and never holds the GIL. Compressed taps go through h5py's chunked path. The
+        checksum is computed on the same host bytes (zlib releases the GIL; ~4 GB/s).
         """
         data, dtype = to_numpy(tensor)
+        data = np.ascontiguousarray(data)
         key = f"taps/{path}/{name}"
+        view = memoryview(data).cast("B") if data.size else b""
+        crc = zlib.crc32(view)
         if self.compression:
             kwargs = {"compression": self.compression, "chunks": (min(len(data), max(1, (1 << 22) // max(1, data[0].nbytes))),) + data.shape[1:]}
             if self.compression == "gzip":
@@ -153,7 +201,6 @@ class TraceWriter:
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
             ds = self.file.create_dataset(key, shape=data.shape, dtype=data.dtype, dcpl=dcpl)
             offset = ds.id.get_offset()  # None only for an empty dataset
-            view = memoryview(np.ascontiguousarray(data)).cast("B")
             done = 0
             while offset is not None and done < len(view):  # pwrite may write less than asked
                 done += os.pwrite(self._fd, view[done:], offset + done)
@@ -163,6 +210,7 @@ class TraceWriter:
                 os.posix_fadvise(self._fd, offset, done, os.POSIX_FADV_DONTNEED)
         ds.attrs["dtype"] = dtype
         ds.attrs["encoding"] = BF16_ENCODING if dtype == "bfloat16" else "raw"
+        ds.attrs["crc32"] = crc
         self.bytes_written += data.nbytes
 
     def write_metrics(self, group: str, taps: list[str], table: dict[str, dict[str, np.ndarray]], present=None) -> None:
@@ -170,22 +218,23 @@ class TraceWriter:
         given, is ``(T,)`` bool (which taps both sides recorded), stored as ``<pair>/present``."""
         g = self.file.require_group(group)
         if "taps" not in g:
-            g.create_dataset("taps", data=np.array(taps, dtype=object), dtype=_STR)
+            self.write_array(f"{group}/taps", np.array(taps, dtype=object), dtype=_STR)
         for pair, metrics in table.items():
             for metric, values in metrics.items():  # uncompressed: gzip cost 0.4 s per 3B trace (bundles compress)
-                g.create_dataset(f"{pair}/{metric}", data=np.asarray(values, dtype=np.float32))
+                self.write_array(f"{group}/{pair}/{metric}", np.asarray(values, dtype=np.float32))
             if present and pair in present:
-                g.create_dataset(f"{pair}/present", data=np.asarray(present[pair], dtype=bool))
+                self.write_array(f"{group}/{pair}/present", np.asarray(present[pair], dtype=bool))
 
     def write_embeddings(self, pooled: dict[str, np.ndarray], pooling: str) -> None:
         """Per-sequence pooled final embeddings, ``/embeddings/<path>`` ``(S, E)`` float64."""
         g = self.file.require_group("embeddings")
         g.attrs["pooling"] = pooling
         for path, values in pooled.items():
-            g.create_dataset(path, data=np.asarray(values, dtype=np.float64))
+            self.write_array(f"embeddings/{path}", np.asarray(values, dtype=np.float64))
 
     def commit(self) -> Path:
-        """Mark complete, flush, fsync, close and rename into place. Returns the final path."""
+        """Mark complete, flush, fsync, close and move into place (never replacing a file that
+        appeared meanwhile unless ``force``); fsync the folder. Returns the final path."""
         t0 = time.perf_counter()
         self.file.attrs["complete"] = True
         self.file.flush()
@@ -193,17 +242,16 @@ class TraceWriter:
         os.fsync(self._fd)  # the file's data and metadata, whichever descriptor wrote them
         self._close_fd()
         self.commit_seconds = time.perf_counter() - t0
-        if self.path.exists() and not self.force:
-            self.abort()
-            raise TracerError(f"{self.path} appeared while tracing; pass --force to overwrite it")
-        os.replace(self.partial, self.path)
+        files.commit(self.partial, self.path, self.force)
         return self.path
 
     def abort(self) -> None:
-        """Close and delete the partial file (idempotent)."""
+        """Close and delete this writer's partial file (idempotent)."""
         try:
             if self.file.id.valid:
                 self.file.close()
+        except Exception:  # a full disk can fail the close too; the file goes either way
+            pass
         finally:
             self._close_fd()
             self.partial.unlink(missing_ok=True)
@@ -238,17 +286,53 @@ class Trace:
     def __init__(self, path: Path, file: h5py.File):
         self.path = path
         self.file = file
-        self.meta = _json_attr(file, "meta", path)
+        self.checksums = int(file.attrs.get("schema_version", 1)) >= 2
+        self.meta = _json_attr(file, "meta", path, self.checksums)
+        if not isinstance(self.meta, dict):
+            raise TracerError(f"{path} is damaged: its meta record is not an object")
         g = file["sequences"]
-        ids = [s.decode() if isinstance(s, bytes) else s for s in g["ids"][()]]
-        residues = [s.decode() if isinstance(s, bytes) else s for s in g["residues"][()]]
-        lengths = g["lengths"][()].tolist()
-        offsets = g["offsets"][()].tolist()
-        self.layout = Layout.from_lengths([n + 2 for n in lengths], g["pack_order"][()].tolist())
+        read = {k: self._small(f"sequences/{k}") for k in ("ids", "residues", "lengths", "offsets", "pack_order", "cu_seqlens")}
+        ids = [_attr_str(s) for s in read["ids"]]
+        residues = [_attr_str(s) for s in read["residues"]]
+        lengths = [int(n) for n in read["lengths"]]
+        offsets = [int(n) for n in read["offsets"]]
+        try:
+            self.layout = Layout.from_lengths([n + 2 for n in lengths], [int(i) for i in read["pack_order"]])
+        except (ValueError, TypeError) as e:
+            raise TracerError(f"{path} is damaged: its sequence records are inconsistent ({e})") from None
+        if not (len(ids) == len(residues) == len(lengths) and offsets == self.layout.offsets.tolist()
+                and [int(x) for x in read["cu_seqlens"]] == self.layout.cu_seqlens.tolist()
+                and min(lengths) >= 1):
+            raise TracerError(f"{path} is damaged: its sequence records (ids, lengths, offsets, cu_seqlens) disagree")
+        del g
         self.sequences = [
             SequenceInfo(i, ids[i], residues[i], lengths[i], slice(offsets[i], offsets[i + 1]))
             for i in range(len(ids))
         ]
+
+    def _small(self, key: str) -> np.ndarray:
+        """A small dataset read whole and checked against its checksum."""
+        if key not in self.file:
+            raise TracerError(f"{self.path} is damaged: it has no {key}")
+        ds = self.file[key]
+        data = ds[()]
+        self.check(ds, data)
+        return data
+
+    def check(self, ds, data) -> None:
+        """Raise :class:`TracerError` unless ``data`` (all of dataset ``ds``, as read) matches
+        the dataset's stored checksum (schema 2; schema 1 has none)."""
+        if not self.checksums:
+            return
+        stored = ds.attrs.get("crc32")
+        if stored is None:
+            raise TracerError(f"{self.path} is damaged: {ds.name} has no checksum")
+        actual = checksum(data)
+        if int(stored) != actual:
+            raise TracerError(
+                f"{self.path} is damaged: {ds.name} fails its checksum (stored crc32 {int(stored) & 0xFFFFFFFF:08x}, "
+                f"read {actual:08x}); no verdict is given from damaged data"
+            )
 
     def __enter__(self) -> "Trace":
         return self
@@ -267,7 +351,7 @@ class Trace:
 
     @property
     def summary(self) -> dict | None:
-        return json.loads(self.file.attrs["summary"]) if "summary" in self.file.attrs else None
+        return _json_attr(self.file, "summary", self.path, self.checksums) if "summary" in self.file.attrs else None
 
     @property
     def paths(self) -> list[str]:
@@ -302,12 +386,45 @@ class Trace:
                 f"({', '.join(have[:3])}{', ...' if len(have) > 3 else ''})"
             )
         ds = self.file[key]
-        data = ds[()] if rows is None else ds[rows]
-        dtype = _attr_str(ds.attrs.get("dtype", ""))
+        dtype = self.checked_dtype(ds)
+        if rows is None:
+            data = ds[()]
+            self.check(ds, data)
+        else:
+            data = ds[rows]
         t = from_numpy(data, dtype)
         if as_numpy:
             return t.float().numpy() if dtype == "bfloat16" else t.numpy()
         return t
+
+    def checked_dtype(self, ds) -> str:
+        """The trace dtype of tap dataset ``ds``, after checking its stored type and row count."""
+        dtype = _attr_str(ds.attrs.get("dtype", ""))
+        expected = NUMPY_DTYPES.get(dtype)
+        if expected is None or ds.dtype != expected:
+            raise TracerError(f"{self.path} is damaged: {ds.name} is stored as {ds.dtype}, not as a {dtype or 'known'} tap")
+        rows = ds.attrs.get("rows")
+        n = (int(rows[1]) - int(rows[0])) if rows is not None and len(rows) == 2 else self.n_tokens
+        if not ds.shape or ds.shape[0] != n:
+            raise TracerError(f"{self.path} is damaged: {ds.name} has shape {ds.shape}, expected {n} token rows")
+        return dtype
+
+    def verify(self) -> int:
+        """Check every checksum in the file (all tap data read once); returns the datasets checked.
+
+        Raises :class:`TracerError` naming the first damaged dataset.
+        """
+        if not self.checksums:
+            raise TracerError(f"{self.path} has no checksums (written by tracer 0.1, schema 1); nothing to verify")
+        names: list[str] = []
+        self.file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in names:
+            ds = self.file[name]
+            if name.startswith("taps/"):
+                self.checked_dtype(ds)
+            self.check(ds, ds[()])
+        self.summary  # noqa: B018 -- checks the record's checksum
+        return len(names)
 
     def tap_dtype(self, path: str, name: str) -> str:
         return _attr_str(self.file[f"taps/{path}/{name}"].attrs["dtype"])
@@ -337,24 +454,32 @@ def _attr_str(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _json_attr(file: h5py.File, key: str, path: Path) -> dict:
+def _json_attr(file: h5py.File, key: str, path: Path, checked: bool = False):
     try:
-        return json.loads(file.attrs[key])
-    except (KeyError, ValueError, TypeError):
+        text = file.attrs[key]
+        if checked and int(file.attrs[f"{key}_crc32"]) != checksum(_attr_str(text)):
+            raise TracerError(f"{path} is damaged: its {key} record fails its checksum")
+        return json.loads(text)
+    except (KeyError, ValueError, TypeError, OSError):
         raise TracerError(f"{path} is damaged: its {key} record is missing or unreadable") from None
 
 
 def open_trace(path: str | Path) -> Trace:
-    """Open a trace for reading, refusing anything that is not a complete trace we understand."""
+    """Open a trace for reading, refusing anything that is not a complete trace we understand.
+
+    The structure is checked on open (format, schema, completeness, sequence records and their
+    checksums, the meta record); tap data is checked when read.
+    """
     path = Path(path)
     if not path.exists():
         hint = ""
-        if partial_path(path).exists():
-            hint = f" (only the partial {partial_path(path).name} of an interrupted run is there)"
+        partials = files.partials_of(path) + ([partial_path(path)] if partial_path(path).exists() else [])
+        if partials:
+            hint = f" (only the partial {partials[0].name} of an interrupted run is there)"
         raise TracerError(f"{path} does not exist{hint}")
     if path.is_dir():
         raise TracerError(f"{path} is a directory, not a trace file")
-    if path.name.endswith(".partial"):
+    if path.name.endswith(files.PARTIAL_SUFFIX):
         raise TracerError(f"{path} is the partial file of an interrupted run, not a trace")
     try:
         is_hdf5 = h5py.is_hdf5(path)
@@ -364,8 +489,8 @@ def open_trace(path: str | Path) -> Trace:
         raise TracerError(f"{path} is not an HDF5 file, so not a tracer trace")
     try:
         file = h5py.File(path, "r")
-    except OSError as e:
-        raise TracerError(f"{path} is a damaged or truncated HDF5 file ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # h5py raises OSError, but damaged superblocks have given others
+        raise TracerError(f"{path} is a damaged or truncated HDF5 file ({_first(e)})") from None
     try:
         fmt = _attr_str(file.attrs.get("format", ""))
         if fmt != FORMAT:
@@ -386,6 +511,32 @@ def open_trace(path: str | Path) -> Trace:
     except TracerError:
         file.close()
         raise
-    except (OSError, KeyError, ValueError) as e:
+    except Exception as e:  # whatever h5py raises on damaged metadata
         file.close()
-        raise TracerError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise damaged(path, e) from None
+
+
+def damaged(path, e: BaseException) -> TracerError:
+    """The one-line error for a file whose HDF5 structure failed while being read."""
+    return TracerError(f"{path} is damaged ({type(e).__name__}: {_first(e)})")
+
+
+def _first(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+READ_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError, OverflowError)
+"""What h5py (and the records it returns) raise on a damaged file while reading it."""
+
+
+@contextlib.contextmanager
+def reading(*paths):
+    """Inside, an error h5py raises while reading a trace that was accepted on open (damaged
+    HDF5 metadata) becomes the one-line "is damaged" :class:`TracerError`."""
+    try:
+        yield
+    except TracerError:
+        raise
+    except READ_ERRORS as e:
+        raise damaged(" or ".join(str(p) for p in paths), e) from None

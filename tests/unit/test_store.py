@@ -5,7 +5,8 @@ import torch
 
 from tracer.errors import TracerError
 from tracer.packing import Layout
-from tracer.store import SCHEMA_VERSION, TraceWriter, open_trace, partial_path
+from tracer.files import partials_of
+from tracer.store import SCHEMA_VERSION, TraceWriter, open_trace
 
 
 def _write(path, tensors, **kwargs):
@@ -37,7 +38,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype, compression):
 
 
 def test_bf16_decodes_without_torch(tmp_path):
-    t = torch.tensor([[1.5, -2.0, 3.0e38, 1e-30]], dtype=torch.bfloat16)
+    t = torch.tensor([[1.5, -2.0, 3.0e38, 1e-30]] * 7, dtype=torch.bfloat16)  # 7 token rows
     _write(tmp_path / "t.h5", {("unpacked", "embed"): t})
     with h5py.File(tmp_path / "t.h5") as f:
         ds = f["taps/unpacked/embed"]
@@ -52,9 +53,9 @@ def test_nothing_at_final_path_until_commit(tmp_path):
     path = tmp_path / "t.h5"
     w = TraceWriter(path)
     w.write_tap("packed", "embed", torch.zeros(2, 2))
-    assert not path.exists() and partial_path(path).exists()
+    assert not path.exists() and partials_of(path) == [w.partial]
     w.abort()
-    assert not path.exists() and not partial_path(path).exists()
+    assert not path.exists() and not partials_of(path)
 
 
 def test_exception_inside_writer_removes_partial(tmp_path):
@@ -63,7 +64,7 @@ def test_exception_inside_writer_removes_partial(tmp_path):
         with TraceWriter(path) as w:
             w.write_tap("packed", "embed", torch.zeros(2, 2))
             raise KeyboardInterrupt
-    assert not path.exists() and not partial_path(path).exists()
+    assert not path.exists() and not partials_of(path)
 
 
 def test_refuses_to_overwrite_without_force(tmp_path):
