@@ -18,10 +18,22 @@ Command line: ``python -m tracer.run``, ``tracer.compare``, ``tracer.plot``, ``t
 """
 
 from tracer.errors import TracerError
-from tracer.observe import tap
-from tracer.store import Trace, open_trace
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # the read API is imported on first use, so that ``python -m tracer.run`` reaches its
+    # entry point (and its signal handling) before torch and h5py load
+    if name in ("Trace", "open_trace"):
+        from tracer import store
+
+        return getattr(store, name)
+    if name == "tap":
+        from tracer.observe import tap
+
+        return tap
+    raise AttributeError(f"module 'tracer' has no attribute {name!r}")
 
 
 def summarize(trace, rule=None, recompute=True):

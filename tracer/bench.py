@@ -32,6 +32,11 @@ vary, so nothing here asserts.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
+    from tracer.interrupts import quiet_during_imports
+
+    quiet_during_imports()
+
 import json
 import os
 import resource
@@ -49,6 +54,7 @@ import torch
 from tracer import attention, models
 from tracer.cli import Parser, main_guard
 from tracer.env import dtype_name, environment, resolve_device, resolve_dtype
+from tracer.errors import TracerError
 from tracer.packed import PackedESM2
 from tracer.paths import encode
 from tracer.sequences import debug_batch
@@ -509,7 +515,7 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--attn", default="auto", choices=attention.BACKENDS)
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each bare forward (default 3)")
-    p.add_argument("--dir", default=None, help="folder for the temporary traces (default: a temporary folder under traces/)")
+    p.add_argument("--dir", default=None, help="where to make this run's temporary folder of traces and scratch files, removed at the end (default traces/)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
     p.add_argument("--production", type=int, default=0, metavar="N",
                    help="also measure a production batch of N sequences of 100-700 residues, time to verdict and load time (issue 11)")
@@ -521,14 +527,17 @@ def build_parser() -> Parser:
 @main_guard
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.dir:
-        folder = Path(args.dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        ctx = None
-    else:
-        Path("traces").mkdir(exist_ok=True)
-        ctx = tempfile.TemporaryDirectory(dir="traces", prefix="bench-")
-        folder = Path(ctx.name)
+    if args.repeats < 1:
+        raise TracerError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.seq_len < 1:
+        raise TracerError(f"--seq-len must be a positive number of residues, got {args.seq_len}")
+    parent = Path(args.dir or "traces")
+    try:  # a folder of this run's own inside --dir: only what this run created is removed
+        parent.mkdir(parents=True, exist_ok=True)
+        ctx = tempfile.TemporaryDirectory(dir=parent, prefix="bench-")
+    except OSError as e:
+        raise TracerError(f"cannot write in {parent}: {e.strerror or e}") from None
+    folder = Path(ctx.name)
     say = lambda m: print(f"tracer: {m}", file=sys.stderr, flush=True)  # noqa: E731
     result: dict = {}
     try:
@@ -537,8 +546,7 @@ def main(argv=None) -> int:
         if args.production:
             result["issue11"] = run_production(args.model, args.production, args.device, args.dtype, args.attn, folder, say=say)
     finally:
-        if ctx is not None:
-            ctx.cleanup()
+        ctx.cleanup()
     result["peak_rss_bench_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))

@@ -16,9 +16,16 @@ attachment limit); the slim trace re-reads with ``tracer.compare`` and ``tracer.
 
 from __future__ import annotations
 
-import json
+if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
+    from tracer.interrupts import quiet_during_imports
+
+    quiet_during_imports()
+
+import math
+import os
 import shutil
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -28,7 +35,8 @@ from tracer.cli import Parser, main_guard
 from tracer.compare import stored_table, summarize
 from tracer.errors import TracerError
 from tracer.plot import plot_trace, use_file_backend
-from tracer.store import TraceWriter, open_trace, to_numpy
+from tracer import files
+from tracer.store import TraceWriter, open_trace, reading, to_numpy
 from tracer.taps import EMBED, SITES, parse_tap, tap_name
 
 SLIM = "trace-slim.h5"
@@ -76,7 +84,7 @@ def _write_slim(trace, dest: Path, budget: int) -> list[str]:
     names = candidates(anchor, trace.meta["architecture"]["num_layers"], trace.taps(paths[0]) if paths else [])
     chosen, used = [], 0
     for name in names:
-        cost = sum(trace.file[f"taps/{p}/{name}"][rows].nbytes for p in paths)
+        cost = sum(trace.file[f"taps/{p}/{name}"].dtype.itemsize * int(np.prod(trace.file[f"taps/{p}/{name}"].shape[1:])) * (rows.stop - rows.start) for p in paths)
         if used + cost > budget:
             break
         chosen.append(name)
@@ -90,15 +98,15 @@ def _write_slim(trace, dest: Path, budget: int) -> list[str]:
         w.write_sequences([x.id for x in s], [x.residues for x in s], [x.length for x in s], trace.layout)
         for name in chosen:
             for p in paths:
-                data, dtype = to_numpy(trace.tap(p, name, rows=rows))
-                ds = w.file.create_dataset(f"taps/{p}/{name}", data=data, compression="gzip", compression_opts=4)
+                data, dtype = to_numpy(trace.tap(p, name)[rows])  # read whole: checked against its checksum
+                ds = w.write_array(f"taps/{p}/{name}", data, compression="gzip", compression_opts=4)
                 ds.attrs["dtype"] = dtype
                 ds.attrs["encoding"] = "bfloat16-bits-as-uint16" if dtype == "bfloat16" else "raw"
                 ds.attrs["rows"] = [rows.start, rows.stop]
         for group in trace.metric_groups():
             trace.file.copy(trace.file[group], w.file, name=group)
         w.set_json("meta", meta)
-        w.file.attrs["summary"] = json.dumps(summary, sort_keys=True)
+        w.set_json("summary", summary)
         w.commit()
     return chosen
 
@@ -162,6 +170,8 @@ def report_markdown(summary: dict, meta: dict, trace, slim_taps: list[str], plot
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for entry in summary["layers"]:
         taps = entry["taps"]
+        if not taps:  # a trace of a subset of taps: this layer has none
+            continue
         worst = max(taps, key=lambda t: taps[t]["max_rel_l2"] if taps[t]["max_rel_l2"] is not None else np.inf)
         t = taps[worst]
         row = f"| {entry['layer']} | {worst} | {_fmt(t['max_rel_l2'])} | {_fmt(t['min_cos'], 6)} | {sum(x['diverged_tokens'] for x in taps.values())} |"
@@ -184,42 +194,93 @@ def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.0, quiet: bool = True) -> tuple[Path, Path]:
-    """Write the bundle folder and ``<folder>.zip``; returns both paths."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "report.md").exists():
-            raise TracerError(f"{out} exists and is not a tracer bundle; choose another -o folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _check_destination(trace_path: Path, out: Path, archive: Path, force: bool) -> None:
+    """Refuse, before anything is written, a destination that would lose something."""
+    if str(out) in ("", "."):
+        raise TracerError("-o is empty; give the bundle folder to create")
+    src = trace_path.resolve()
+    dest = out.resolve()
+    if dest == src or dest in src.parents or archive.resolve() == src:
+        raise TracerError(f"the input trace {trace_path} is inside the bundle's destination {out}; choose another -o")
+    if files.exists(out) and not out.is_dir():
+        raise TracerError(f"{out} exists and is not a folder; -o names the bundle folder to create")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise TracerError(
+            f"{out} exists and is not empty; pass --force to write the bundle into it (files of the same "
+            "names are replaced, nothing else is touched) or choose another -o"
+        )
+    files.refuse_existing(archive, force, "-o")
+
+
+def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.0, quiet: bool = True,
+                force: bool = False) -> tuple[Path, Path]:
+    """Write the bundle folder and ``<folder>.zip``; returns both paths.
+
+    Everything is built in a private folder next to the destination and moved into place at
+    the end; the archive is written to a unique partial file and committed without replacing
+    anything (unless ``force``). Nothing that existed before is deleted; an interrupted or
+    failed bundle leaves nothing behind.
+    """
+    out, trace_path = Path(out_dir), Path(trace_path)
+    if out.name.lower().endswith(".zip") and len(out.name) > 4:  # "-o report.zip": folder report, archive report.zip
+        out = out.with_name(out.name[:-4])
+    archive = out.with_name(out.name + ".zip")  # not with_suffix: "-o proj.v2" must not give proj.zip
+    _check_destination(trace_path, out, archive, force)
     limit = int(max_mb * MB)
-    with open_trace(trace_path) as trace:
+    with open_trace(trace_path) as trace, reading(trace_path):
         summary = trace.summary or summarize(trace).to_json()
-        plots_dir = plot_trace(trace_path, out, quiet=quiet)
-        plots = sorted(p.name for p in plots_dir.glob("*.png")) + sorted(p.name for p in plots_dir.glob("*.svg"))
-        (out / "report.md").write_text("placeholder")
-        budget = limit - _size(out) - 4 * 1024 * 1024 - trace.file["metrics"]["packed-vs-unpacked"]["rel_l2"].nbytes * 12
-        while True:
-            taps = _write_slim(trace, out / SLIM, max(budget, 0))
-            (out / "report.md").write_text(report_markdown(summary, trace.meta, trace, taps, plots))
-            archive = _zip(out)
-            if (_size(out) <= limit and archive.stat().st_size <= limit) or not taps:
-                break
-            budget = int(budget * 0.8)
-    if _size(out) > limit:
-        raise TracerError(f"the bundle is {_size(out) / MB:.1f} MB even without tensors; raise --max-mb")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=files.PARTIAL_SUFFIX, dir=out.parent))
+        except OSError as e:
+            raise TracerError(f"cannot write the bundle in {out.parent}: {e.strerror or e}") from None
+        zip_partial = None
+        try:
+            plot_trace(trace_path, stage, quiet=quiet)
+            plots = sorted(p.name for p in stage.glob("*.png")) + sorted(p.name for p in stage.glob("*.svg"))
+            (stage / "report.md").write_text("placeholder")
+            budget = limit - _size(stage) - 4 * 1024 * 1024 - trace.file["metrics"]["packed-vs-unpacked"]["rel_l2"].nbytes * 12
+            zip_partial = files.create_partial(archive)
+            while True:
+                taps = _write_slim(trace, stage / SLIM, max(budget, 0))
+                (stage / "report.md").write_text(report_markdown(summary, trace.meta, trace, taps, plots))
+                _zip(stage, out.name, zip_partial)
+                if (_size(stage) <= limit and zip_partial.stat().st_size <= limit) or not taps:
+                    break
+                budget = int(budget * 0.8)
+            if _size(stage) > limit:
+                raise TracerError(f"the bundle is {_size(stage) / MB:.1f} MB even without tensors; raise --max-mb")
+            files.commit(zip_partial, archive, force)
+            _place(stage, out, force)
+        except OSError as e:
+            raise TracerError(f"cannot write the bundle {out}: {e.strerror or e}") from None
+        finally:  # only what this run created: its private folder and its partial archive
+            shutil.rmtree(stage, ignore_errors=True)
+            if zip_partial is not None:
+                zip_partial.unlink(missing_ok=True)
     return out, archive
 
 
-def _zip(folder: Path) -> Path:
-    archive = folder.with_suffix(".zip")
-    tmp = archive.with_name(archive.name + ".partial")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
+def _place(stage: Path, out: Path, force: bool) -> None:
+    """Move the finished files from ``stage`` into ``out`` (created if absent)."""
+    try:
+        out.mkdir()
+    except FileExistsError:
+        if not force and any(out.iterdir()):
+            raise TracerError(f"{out} appeared while the bundle was written; pass --force or choose another -o") from None
+    for f in sorted(stage.iterdir()):
+        os.replace(f, out / f.name)
+    files.fsync_dir(out)
+
+
+def _zip(folder: Path, root: str, dest: Path) -> None:
+    """The files of ``folder`` into the zip ``dest``, under ``root/``."""
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
         for f in sorted(folder.rglob("*")):
             if f.is_file():
-                z.write(f, Path(folder.name) / f.relative_to(folder))
-    tmp.replace(archive)
-    return archive
+                z.write(f, Path(root) / f.relative_to(folder))
+    with open(dest, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def build_parser() -> Parser:
@@ -227,16 +288,17 @@ def build_parser() -> Parser:
     p.add_argument("trace", metavar="TRACE.h5")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="bundle folder; DIR.zip is written next to it")
     p.add_argument("--max-mb", type=float, default=25.0, help="size limit of the bundle and of the archive, in MB (default 25)")
+    p.add_argument("--force", action="store_true", help="write into an existing non-empty DIR (same-named files replaced) and replace DIR.zip")
     return p
 
 
 @main_guard
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.max_mb > 1:
-        raise TracerError("--max-mb must be more than 1")
+    if not (math.isfinite(args.max_mb) and args.max_mb > 1):
+        raise TracerError(f"--max-mb must be a finite number above 1, got {args.max_mb}")
     use_file_backend()
-    folder, archive = make_bundle(args.trace, args.out, args.max_mb, quiet=False)
+    folder, archive = make_bundle(args.trace, args.out, args.max_mb, quiet=False, force=args.force)
     print(f"bundle  {folder} ({_size(folder) / MB:.1f} MB)\narchive {archive} ({archive.stat().st_size / MB:.1f} MB)")
     return 0
 

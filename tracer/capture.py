@@ -80,6 +80,7 @@ class AsyncTapWriter:
         self._pools: dict[tuple, queue.Queue] = {}
         self._buffers = buffers
         self._stream = None
+        self._stopped = False  # set by abort(): queued taps are dropped, not written
         self._copier = threading.Thread(target=self._copy_loop, name="tracer-copy", daemon=True)
         self._disk = threading.Thread(target=self._disk_loop, name="tracer-disk", daemon=True)
         self._copier.start()
@@ -116,7 +117,7 @@ class AsyncTapWriter:
                 self._disk_q.put(None)
                 return
             path, name, tensor, event = item
-            if self.error is not None or not tensor.is_cuda:
+            if self.error is not None or self._stopped or not tensor.is_cuda:
                 self._disk_q.put((path, name, tensor, None))
                 continue
             try:
@@ -143,7 +144,7 @@ class AsyncTapWriter:
                 return
             path, name, host, pool = item
             try:
-                if self.error is None:
+                if self.error is None and not self._stopped:
                     t0 = time.perf_counter()
                     self.writer.write_tap(path, name, host)
                     self.stats["write_seconds"] += time.perf_counter() - t0
@@ -159,6 +160,15 @@ class AsyncTapWriter:
                 with self._room:
                     self._inflight -= n
                     self._room.notify_all()
+
+    def abort(self) -> None:
+        """Stop now (an interrupt or a failure): taps still queued are dropped, not written;
+        returns once both threads have finished (at most the one tap being written)."""
+        self._stopped = True
+        try:
+            self.close()
+        except BaseException:  # the run is failing already; its own exception is the one to show
+            pass
 
     def close(self, progress=None, total: int | None = None) -> None:
         """Wait until every submitted tap is written; re-raise a writer failure.

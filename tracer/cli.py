@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
+import signal
 import sys
 import warnings
 
+from tracer import interrupts
 from tracer.errors import TracerError
 from tracer.verdict import NOISE_FACTOR, PLAIN_MAX_REL_L2, Rule
 from tracer.taps import SITES
@@ -22,7 +25,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def main_guard(fn):
-    """Run a CLI ``main``: :class:`TracerError` -> one line on stderr and exit 2; Ctrl-C -> 130."""
+    """Run a CLI ``main``: :class:`TracerError` -> one line on stderr and exit 2; Ctrl-C,
+    SIGTERM, SIGHUP -> one line and exit 128 + signal number (:mod:`tracer.interrupts`)."""
 
     @functools.wraps(fn)
     def wrapper(argv=None) -> int:
@@ -32,13 +36,15 @@ def main_guard(fn):
         with warnings.catch_warnings():
             warnings.showwarning = show
             try:
-                return fn(argv)
+                with interrupts.handling():
+                    return fn(argv)
             except TracerError as e:
                 print(f"tracer: error: {e}", file=sys.stderr)
                 return 2
-            except KeyboardInterrupt:
-                print("tracer: interrupted (no trace was written)", file=sys.stderr)
-                return 130
+            except KeyboardInterrupt as e:
+                signum = getattr(e, "signum", signal.SIGINT)
+                print(interrupts.message(signum), file=sys.stderr)
+                return 128 + signum
             except BrokenPipeError:  # `... | head` closed our stdout: not an error of the run
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 return 0

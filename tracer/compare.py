@@ -18,6 +18,11 @@ Example::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
+    from tracer.interrupts import quiet_during_imports
+
+    quiet_during_imports()
+
 import json
 import os
 import sys

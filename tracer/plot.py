@@ -18,6 +18,11 @@ bundle's slim file). The functions return matplotlib figures, for notebooks::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
+    from tracer.interrupts import quiet_during_imports
+
+    quiet_during_imports()
+
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +32,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
 
+from tracer import files
 from tracer.cli import Parser, main_guard
 from tracer.compare import stored_table
 from tracer.errors import TracerError
-from tracer.store import open_trace
+from tracer.store import open_trace, reading
 from tracer.taps import EMBED, FINAL, SITES, parse_tap
 from tracer.verdict import MetricsTable
 
@@ -217,17 +223,35 @@ def sequences_figure(data: PlotData, site: str = "resid_out"):
 
 
 def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool = True) -> Path:
-    """Write every figure as PNG and SVG into ``out_dir`` (default: ``<trace>-plots/``)."""
-    data = load(path)
+    """Write every figure as PNG and SVG into ``out_dir`` (default: ``<trace>-plots/``).
+
+    A trace of a subset of taps gets the figures its taps allow (no heatmap without per-layer
+    taps; the per-sequence curves use ``resid_out``, else the latest site traced).
+    """
+    if out_dir is not None and str(out_dir) == "":
+        raise TracerError("-o is empty; give the folder to write the plots into")
     out = Path(out_dir) if out_dir else Path(path).with_name(Path(path).stem + "-plots")
-    out.mkdir(parents=True, exist_ok=True)
-    figures = {"curves": curves_figure(data), "sequences": sequences_figure(data)}
-    for pair in data.pairs():
-        figures[f"heatmap-{pair}"] = heatmap_figure(data, pair)
+    if files.exists(out) and not out.is_dir():
+        raise TracerError(f"{out} exists and is not a folder; -o names the folder to write the plots into")
+    data = load(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TracerError(f"cannot create the plot folder {out}: {e.strerror or e}") from None
+    sites = [site for site in SITES if any(parse_tap(n)[1] == site for n in data.table.taps)]
+    figures = {"curves": curves_figure(data)}
+    if sites:
+        figures["sequences"] = sequences_figure(data, "resid_out" if "resid_out" in sites else sites[-1])
+        for pair in data.pairs():
+            figures[f"heatmap-{pair}"] = heatmap_figure(data, pair)
     for name, fig in figures.items():
-        for ext in ("png", "svg"):
-            fig.savefig(out / f"{name}.{ext}", dpi=130)
-        plt.close(fig)
+        try:
+            for ext in ("png", "svg"):
+                fig.savefig(out / f"{name}.{ext}", dpi=130)
+        except OSError as e:
+            raise TracerError(f"cannot write the plots into {out}: {e.strerror or e}") from None
+        finally:
+            plt.close(fig)
         if not quiet:
             print(f"tracer: wrote {out / name}.png/.svg", file=sys.stderr)
     return out
@@ -249,7 +273,8 @@ def use_file_backend() -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     use_file_backend()
-    out = plot_trace(args.trace, args.out, quiet=False)
+    with reading(args.trace):
+        out = plot_trace(args.trace, args.out, quiet=False)
     print(out)
     return 0
 

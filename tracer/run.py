@@ -10,6 +10,11 @@ Example::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
+    from tracer.interrupts import quiet_during_imports
+
+    quiet_during_imports()
+
 import json
 import sys
 
@@ -155,18 +160,21 @@ def main(argv=None) -> int:
         max_batch_tokens=args.max_batch_tokens,
     )
     result = trace(config, sequences, quiet=args.quiet)
+    if args.json:  # the verdict first: a failing --plot must not hide it
+        print(json.dumps(result.summary.to_json(), indent=2), flush=True)
+    else:
+        print(result.summary.format_text(table=args.table))
+        print(f"trace     {result.path}", flush=True)
     if args.plot:
         from tracer.plot import plot_trace, use_file_backend
 
         use_file_backend()
-        written = plot_trace(result.path, None, quiet=args.quiet)
+        try:
+            written = plot_trace(result.path, None, quiet=args.quiet)
+        except TracerError as e:
+            raise TracerError(f"the trace {result.path} was written, but its plots were not: {e}") from None
         if not args.quiet:
             print(f"tracer: plots in {written}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result.summary.to_json(), indent=2))
-    else:
-        print(result.summary.format_text(table=args.table))
-        print(f"trace     {result.path}")
     return 0
 
 

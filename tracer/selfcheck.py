@@ -16,6 +16,11 @@ Exit status 0 when every case matches, 1 otherwise.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
+    from tracer.interrupts import quiet_during_imports
+
+    quiet_during_imports()
+
 import json
 import sys
 import tempfile

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tracer import attention, models, preflight
+from tracer import attention, files, models, preflight
 from tracer.batching import SubBatches, sub_faults
 from tracer.capture import Assembler, AsyncTapWriter, Collector, Ledger
 from tracer.embeddings import POOLING, mean_pool
@@ -165,7 +165,8 @@ def reference_dtype(reference: str, dtype: torch.dtype) -> torch.dtype | None:
 
 def default_out(arch_name: str, dtype: str, batch: list[Sequence]) -> Path:
     lengths = "-".join(str(s.length) for s in batch[:4]) + ("-etc" if len(batch) > 4 else "")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    now = time.time()  # unique per run and still sortable: microseconds and the process id
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now % 1 * 1e6):06d}-{os.getpid()}"
     return Path("traces") / f"{arch_name}-{dtype}-L{lengths}-{stamp}.h5"
 
 
@@ -278,8 +279,10 @@ def _prepare(config: RunConfig, sequences: list[Sequence], say, loaded, timings:
     backend = attention.resolve(config.attn, device, dtype) if plugins["packed"] is None else attention.PLUGIN
     if config.local and ref_dtype is None:
         say("--local without a reference splits packed-vs-unpacked error only")
-    if config.out and Path(config.out).exists() and not config.force:  # before a long model load
-        raise TracerError(f"{config.out} exists; pass --force to overwrite it or --out to choose another path")
+    if config.out is not None:  # before a long model load
+        if not config.out.strip():
+            raise TracerError("--out is empty; give a file path (or leave --out out for a default name under traces/)")
+        files.refuse_existing(Path(config.out), config.force)
 
     if config.max_batch_tokens is not None and config.max_batch_tokens < 0:
         raise TracerError(f"--max-batch-tokens must be 0 (one batch) or a positive number of padded tokens, got {config.max_batch_tokens}")
@@ -475,9 +478,8 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
                 f"with --attn {plan.backend.name} ({str(e).splitlines()[0]}); choose another --dtype, --device or --attn"
             ) from None
         finally:
-            if async_writer is not None:  # failure path: stop the thread before the file is removed
-                with contextlib.suppress(BaseException):
-                    async_writer.close()
+            if async_writer is not None:  # failure path: stop the threads (no draining) before the file is removed
+                async_writer.abort()
         meta["memory"] = {
             "peak_held_tap_bytes": ledger.peak,
             "layer_tap_bytes": plan.estimate.layer_tap_bytes,
