@@ -60,9 +60,29 @@ def _threshold(text: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not VALUE or SITE=VALUE") from None
     if eq and site not in SITES and site not in ("embed", "final_norm"):
         raise argparse.ArgumentTypeError(f"unknown site {site!r} in {text!r}; sites: {', '.join(SITES)}, embed, final_norm")
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"threshold {text!r} must be positive")
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"threshold {text!r} must be a finite positive number")
     return (site or None, number)
+
+
+def _noise_factor(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"K must be a finite positive number, got {text!r}")
+    return number
+
+
+def _min_cos(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not -1 <= number <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"a cosine similarity lies in [-1, 1], got {text!r}")
+    return number
 
 
 def add_rule_options(p: argparse.ArgumentParser) -> None:
@@ -72,13 +92,13 @@ def add_rule_options(p: argparse.ArgumentParser) -> None:
         help="noise: relative L2 error above K x the tap's noise level, estimated against the reference "
         "(default when a reference was traced); plain: fixed thresholds (default otherwise)",
     )
-    g.add_argument("--noise-factor", type=float, default=None, metavar="K", help=f"K of the noise rule (default {NOISE_FACTOR:g})")
+    g.add_argument("--noise-factor", type=_noise_factor, default=None, metavar="K", help=f"K of the noise rule (default {NOISE_FACTOR:g})")
     g.add_argument(
         "--max-rel-l2", type=_threshold, action="append", default=[], metavar="[SITE=]VALUE",
         help="plain rule: relative L2 threshold, globally or for one site (repeatable), e.g. "
         f"--max-rel-l2 0.02 --max-rel-l2 q_rope=0.1 (defaults: {', '.join(f'{k} {v:g}' for k, v in PLAIN_MAX_REL_L2.items())})",
     )
-    g.add_argument("--min-cos", type=float, default=None, metavar="VALUE", help="plain rule: also diverged when cosine similarity < VALUE")
+    g.add_argument("--min-cos", type=_min_cos, default=None, metavar="VALUE", help="plain rule: also diverged when cosine similarity < VALUE")
 
 
 def global_threshold(args) -> float | None:

@@ -241,6 +241,8 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
     if not os.access(path, os.R_OK):
         raise TracerError(f"checkpoint {str(path)!r} is not readable (permissions)")
     mmap = zipfile.is_zipfile(path)  # mmap needs the zip format of torch >= 1.6
+    if mmap:
+        check_zip_crcs(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=not trust)
@@ -257,6 +259,21 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
     if not isinstance(data, dict):
         raise TracerError(f"{path} is not a fair-esm checkpoint (top level is {type(data).__name__})")
     return data
+
+
+def check_zip_crcs(path: Path) -> None:
+    """Raise :class:`TracerError` unless every member of the checkpoint's zip matches its CRC-32.
+
+    ``torch.load(mmap=True)`` does not check them, so a flipped byte in a weight would load
+    silently. This reads the file once (the memory-mapped load then finds it in the page cache).
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+        raise TracerError(f"{path} is damaged ({_first_line(e)})") from None
+    if bad is not None:
+        raise TracerError(f"{path} is damaged: {bad} fails its zip CRC-32 check (a corrupted download or disk?)")
 
 
 def checkpoint_architecture(data: dict, path: str | Path) -> Architecture:
@@ -312,13 +329,31 @@ def build_from_checkpoint(data: dict, arch: Architecture, path: str | Path) -> E
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise TracerError(f"{path}: {k} is a {type(v).__name__}, not a tensor")
+        if v.layout != torch.strided:
+            raise TracerError(f"{path}: {k} is a {str(v.layout).removeprefix('torch.')} tensor; tracer needs dense weights (convert with .to_dense())")
+        if v.is_meta:
+            raise TracerError(f"{path}: {k} is a meta tensor (a shape with no data); the file holds no weights for it")
+        if v.shape != shapes[k]:
+            bad = [n for n, t in state.items() if t.shape != shapes[n]]
+            raise TracerError(
+                f"{path} does not match ESM-2 ({arch.describe()}): {k} has shape {tuple(v.shape)} in the file, "
+                f"{tuple(shapes[k])} expected ({len(bad)} tensor(s) of the wrong shape)"
+            )
     try:
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
-        raise TracerError(f"{path} does not match ESM-2 ({arch.describe()}): {_first_line(e)}") from None
-    for module in model.modules():  # whatever the file lacked is still on the meta device
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3]) or _first_line(e)
+        raise TracerError(f"{path} does not match ESM-2 ({arch.describe()}): {detail}") from None
+    for module_name, module in model.named_modules():  # what the file may lack is still on the meta device
         for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if t.is_meta:
+                key = f"{module_name}.{name}" if module_name else name
+                if key not in optional:
+                    raise TracerError(f"{path}: {key} has no data after loading")  # pragma: no cover (missing keys are refused above)
                 if name == "inv_freq":  # what fair-esm's constructor puts there
                     filled = canonical_inv_freq(2 * t.shape[0]).to(t.dtype)
                 else:

@@ -15,8 +15,10 @@ if __name__ == "__main__":  # before torch loads: a signal while importing is on
 
     quiet_during_imports()
 
+import argparse
 import json
 import sys
+import warnings
 
 from tracer.attention import BACKENDS
 from tracer.cli import Parser, add_rule_options, main_guard, rule_from_args
@@ -32,16 +34,51 @@ from tracer.taps import EMBED, FINAL, SITES
 from tracer.tracing import REFERENCES, RunConfig, trace
 
 
+MAX_LAYER = 9999
+"""No layer number above this is even looked up (ESM-2 models have at most 48 layers)."""
+
+SEED_RANGE = (0, 2**64 - 1)
+"""Seeds ``torch.manual_seed`` accepts (non-negative)."""
+
+
 def parse_layers(text: str) -> tuple[int, ...]:
-    """``"0,3,5-7"`` -> ``(0, 3, 5, 6, 7)``."""
-    out: list[int] = []
+    """``"0,3,5-7"`` -> ``(0, 3, 5, 6, 7)``; empty parts, reversed ranges and absurd numbers are errors."""
+    if not text.strip():
+        raise TracerError("--layers is empty; give layer numbers like 0,3,5-7 (or leave it out for all layers)")
+    out: set[int] = set()
+    for part in text.split(","):
+        lo_text, dash, hi_text = part.strip().partition("-")
+        try:
+            lo, hi = int(lo_text), int(hi_text) if dash else int(lo_text)
+        except ValueError:
+            raise TracerError(f"--layers {text!r}: expected layer numbers like 0,3,5-7") from None
+        if max(lo, hi) > MAX_LAYER:
+            raise TracerError(f"--layers {text!r}: layer {max(lo, hi)} does not exist (ESM-2 models have at most 48 layers)")
+        if hi < lo:
+            raise TracerError(f"--layers {text!r}: the range {part.strip()} is empty (write low-high, e.g. {hi}-{lo})")
+        out.update(range(lo, hi + 1))
+    return tuple(sorted(out))
+
+
+def parse_taps(text: str) -> tuple[str, ...]:
+    """``"ctx,resid_out"`` -> ``("ctx", "resid_out")``; empty names are errors."""
+    taps = tuple(t.strip() for t in text.split(","))
+    if not any(taps):
+        raise TracerError("--taps is empty; name sites like ctx,resid_out (or leave it out for all taps)")
+    if not all(taps):
+        raise TracerError(f"--taps {text!r} has an empty name; write names separated by single commas")
+    return taps
+
+
+def seed(text: str) -> int:
+    """``--seed``: an integer ``torch.manual_seed`` accepts."""
     try:
-        for part in text.split(","):
-            lo, dash, hi = part.strip().partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+        value = int(text)
     except ValueError:
-        raise TracerError(f"--layers {text!r}: expected layer numbers like 0,3,5-7") from None
-    return tuple(sorted(set(out)))
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; seeds are integers from 0 to 2**64-1")
+    return value
 
 
 def build_parser() -> Parser:
@@ -66,7 +103,7 @@ def build_parser() -> Parser:
         help="auto: fair-esm's checkpoint from the torch-hub cache, else download; random: the architecture with "
         "seeded random weights (no checkpoint needed); PATH: a fair-esm .pt file (default auto)",
     )
-    m.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
+    m.add_argument("--seed", type=seed, default=0, help="seed of --weights random (default 0)")
     m.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
 
     w = p.add_argument_group("the two paths (default: tracer's own packed forward vs fair-esm's padded forward)")
@@ -132,6 +169,8 @@ def main(argv=None) -> int:
     sequences = sequences_from(args)
     if args.max_batch_tokens is not None and args.max_batch_tokens < 0:
         raise TracerError(f"--max-batch-tokens must be 0 (one batch) or a positive number of padded tokens, got {args.max_batch_tokens}")
+    taps = parse_taps(args.taps) if args.taps is not None else None
+    layers = parse_layers(args.layers) if args.layers is not None else None
     dtype = args.dtype
     has_ref = args.reference in ("fp32", "fp64") or (args.reference == "auto" and dtype in ("bfloat16", "float16"))
     config = RunConfig(
@@ -145,8 +184,8 @@ def main(argv=None) -> int:
         packed_rope=args.packed_rope,
         reference=args.reference,
         pack_order=args.pack_order,
-        taps=tuple(t.strip() for t in args.taps.split(",")) if args.taps else None,
-        layers=parse_layers(args.layers) if args.layers else None,
+        taps=taps,
+        layers=layers,
         metrics_only=args.metrics_only,
         local=args.local,
         compression=args.compression,

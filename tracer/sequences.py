@@ -12,7 +12,9 @@ Example::
 
 from __future__ import annotations
 
+import gzip
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,20 +130,29 @@ def make_batch(pairs: list[tuple[str, str]]) -> list[Sequence]:
 def read_fasta(path: str | Path) -> list[Sequence]:
     """Read a FASTA file: ``>id [description]`` header lines, residues on the following lines.
 
-    Blank lines are ignored; the id is the first word of the header.
+    Blank lines and ``;`` comment lines are ignored; the id is the first word of the header.
+    gzip-compressed files (recognised by their magic bytes, whatever the name) are read as
+    such; a UTF-8 byte-order mark is skipped.
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise TracerError(f"FASTA file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TracerError(f"cannot read FASTA file {str(path)!r}: {e}") from None
+    except IsADirectoryError:
+        raise TracerError(f"FASTA file {str(path)!r} is a directory") from None
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise TracerError(f"cannot read FASTA file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
+    except UnicodeDecodeError as e:
+        raise TracerError(f"FASTA file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     pairs: list[tuple[str, str]] = []
     chunks: list[str] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
-        if not line:
+        if not line or line.startswith(";"):
             continue
         if line.startswith(">"):
             if pairs:
