@@ -24,6 +24,12 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def one_line(text: str) -> str:
+    """A message as one printable line (damaged files can put anything in a name or record)."""
+    text = " ".join(text.split("\n"))
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main_guard(fn):
     """Run a CLI ``main``: :class:`TracerError` -> one line on stderr and exit 2; Ctrl-C,
     SIGTERM, SIGHUP -> one line and exit 128 + signal number (:mod:`tracer.interrupts`)."""
@@ -39,7 +45,7 @@ def main_guard(fn):
                 with interrupts.handling():
                     return fn(argv)
             except TracerError as e:
-                print(f"tracer: error: {e}", file=sys.stderr)
+                print(f"tracer: error: {one_line(str(e))}", file=sys.stderr)
                 return 2
             except KeyboardInterrupt as e:
                 signum = getattr(e, "signum", signal.SIGINT)
