@@ -404,7 +404,7 @@ def test_failing_plot_does_not_hide_the_verdict(tmp_path, monkeypatch, capsys):
     out = tmp_path / "t.h5"
     assert run_cli.main([*BASE, "--seq-len", "20", "--out", str(out), "--plot"]) == 2
     captured = capsys.readouterr()
-    assert captured.out.startswith("verdict") and f"trace     {out}" in captured.out
+    assert "\nverdict " in captured.out and f"trace     {out}" in captured.out
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "the trace" in err[0] and "was written, but its plots were not" in err[0]
     assert h5py.is_hdf5(out)
