@@ -22,6 +22,7 @@ import torch
 
 from tracer.metrics import from_sums, round_to, token_sums
 from tracer.report import PAIRS
+from tracer.store import tap_checksum
 from tracer.verdict import ROUNDED
 
 
@@ -55,9 +56,10 @@ class AsyncTapWriter:
     """Writes taps to a :class:`tracer.store.TraceWriter` in the background, in two stages.
 
     A *copy* thread waits for the kernel that produced each CUDA tap (an event) and copies it
-    into a pinned host buffer on its own stream (a few buffers per shape, reused); a *disk*
-    thread writes host tensors to the trace. The stages overlap, and the forward never waits
-    for either (it only enqueues). CPU taps skip the copy stage.
+    into a pinned host buffer on its own stream (a few buffers per shape, reused), then computes
+    the CRC-32 of the host bytes; a *disk* thread writes host tensors and their checksums to the
+    trace. The stages overlap, and the forward never waits for either (it only enqueues). CPU
+    taps skip the copy, not the checksum.
 
     Args:
         writer: the trace writer (only the disk thread touches the HDF5 file until :meth:`close`).
@@ -117,21 +119,27 @@ class AsyncTapWriter:
                 self._disk_q.put(None)
                 return
             path, name, tensor, event = item
-            if self.error is not None or self._stopped or not tensor.is_cuda:
-                self._disk_q.put((path, name, tensor, None))
+            if self.error is not None or self._stopped:
+                self._disk_q.put((path, name, tensor, None, None))
                 continue
             try:
                 t0 = time.perf_counter()
-                if self._stream is None:
-                    self._stream = torch.cuda.Stream(device=tensor.device)
-                pool = self._pool(tensor)
-                buf = pool.get()  # blocks while the disk stage holds every buffer of this shape
-                event.wait(self._stream)  # the producing kernel has run
-                with torch.cuda.stream(self._stream):
-                    buf.copy_(tensor, non_blocking=True)
-                self._stream.synchronize()
+                if tensor.is_cuda:
+                    if self._stream is None:
+                        self._stream = torch.cuda.Stream(device=tensor.device)
+                    pool = self._pool(tensor)
+                    host = pool.get()  # blocks while the disk stage holds every buffer of this shape
+                    event.wait(self._stream)  # the producing kernel has run
+                    with torch.cuda.stream(self._stream):
+                        host.copy_(tensor, non_blocking=True)
+                    self._stream.synchronize()
+                else:
+                    host, pool = tensor.contiguous(), None
+                # the checksum of the bytes about to be written, here so that it overlaps the
+                # disk stage's previous write (zlib releases the GIL)
+                crc = tap_checksum(host)
                 self.stats["copy_seconds"] += time.perf_counter() - t0
-                self._disk_q.put((path, name, buf, pool))
+                self._disk_q.put((path, name, host, pool, crc))
             except BaseException as e:  # surfaced by close()/submit() in the main thread
                 self.error = e
                 self._disk_q.put((path, name, tensor, None))  # (not written: only accounted)
@@ -142,11 +150,11 @@ class AsyncTapWriter:
             item = self._disk_q.get()
             if item is None:
                 return
-            path, name, host, pool = item
+            path, name, host, pool, crc = item
             try:
                 if self.error is None and not self._stopped:
                     t0 = time.perf_counter()
-                    self.writer.write_tap(path, name, host)
+                    self.writer.write_tap(path, name, host, crc)
                     self.stats["write_seconds"] += time.perf_counter() - t0
                     self.stats["taps"] += 1
                     self.stats["bytes"] += host.numel() * host.element_size()

@@ -88,6 +88,13 @@ def checksum(a) -> int:
     return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
+def tap_checksum(tensor: torch.Tensor) -> int:
+    """CRC-32 of a CPU tap's bytes exactly as :meth:`TraceWriter.write_tap` stores them."""
+    data, _ = to_numpy(tensor)
+    data = np.ascontiguousarray(data)
+    return zlib.crc32(memoryview(data).cast("B")) if data.size else 0
+
+
 NUMPY_DTYPES = {"bfloat16": np.dtype("<u2"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 """The on-disk numpy dtype of a tap of each trace dtype (little-endian, as tracer writes them)."""
 
@@ -175,8 +182,9 @@ class TraceWriter:
         self.write_array(g + "pack_order", np.array(layout.order, dtype=np.int64))
         self.write_array(g + "cu_seqlens", layout.cu_seqlens.numpy())
 
-    def write_tap(self, path: str, name: str, tensor: torch.Tensor) -> None:
-        """Store one tap (a CPU tensor, canonical layout), losslessly, with its CRC-32.
+    def write_tap(self, path: str, name: str, tensor: torch.Tensor, crc32: int | None = None) -> None:
+        """Store one tap (a CPU tensor, canonical layout), losslessly, with its CRC-32
+        (``crc32``, if the caller computed it already with :func:`tap_checksum`).
 
         Uncompressed taps are contiguous datasets allocated up front; HDF5 writes their
         metadata and tracer writes their bytes at the dataset's file offset with one
@@ -188,7 +196,7 @@ class TraceWriter:
         data = np.ascontiguousarray(data)
         key = f"taps/{path}/{name}"
         view = memoryview(data).cast("B") if data.size else b""
-        crc = zlib.crc32(view)
+        crc = zlib.crc32(view) if crc32 is None else crc32
         if self.compression:
             kwargs = {"compression": self.compression, "chunks": (min(len(data), max(1, (1 << 22) // max(1, data[0].nbytes))),) + data.shape[1:]}
             if self.compression == "gzip":

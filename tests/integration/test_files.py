@@ -261,7 +261,7 @@ class _SlowWriter:
     def __init__(self):
         self.written = 0
 
-    def write_tap(self, path, name, tensor):
+    def write_tap(self, path, name, tensor, crc32=None):
         time.sleep(0.05)
         self.written += 1
 
@@ -284,10 +284,10 @@ def test_interrupted_run_does_not_drain_the_queue(tmp_path, monkeypatch):
     real_write = TraceWriter.write_tap
     disk_free = threading.Event()  # the disk is stuck until the interrupt: every tap is queued
 
-    def slow_write(self, path, name, tensor):
+    def slow_write(self, path, name, tensor, crc32=None):
         disk_free.wait(30)
         calls.append(name)
-        real_write(self, path, name, tensor)
+        real_write(self, path, name, tensor, crc32)
 
     def interrupted(*a, **k):
         disk_free.set()
