@@ -276,7 +276,7 @@ def test_partial_file_is_named(tmp_path, capsys, good_trace):
 def test_bundle_refuses_a_foreign_folder(tmp_path, capsys, good_trace):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("mine")
-    one_line_error(capsys, bundle_cli.main, [good_trace.__str__(), "-o", str(tmp_path / "precious")], "is not a tracer bundle")
+    one_line_error(capsys, bundle_cli.main, [good_trace.__str__(), "-o", str(tmp_path / "precious")], "exists and is not empty; pass --force")
     assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
 
 
