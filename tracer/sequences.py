@@ -147,7 +147,7 @@ def read_fasta(path: str | Path) -> list[Sequence]:
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise TracerError(f"cannot read FASTA file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
     except UnicodeDecodeError as e:
-        raise TracerError(f"FASTA file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise TracerError(f"cannot read FASTA file {str(path)!r}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     pairs: list[tuple[str, str]] = []
     chunks: list[str] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):

@@ -19,7 +19,7 @@ from tracer import bench as bench_cli
 from tracer import bundle as bundle_cli
 from tracer import plot as plot_cli
 from tracer import run as run_cli
-from tracer import tracing
+from tracer import paths, tracing
 from tracer.capture import AsyncTapWriter
 from tracer.errors import TracerError
 from tracer.files import partials_of
@@ -294,7 +294,7 @@ def test_interrupted_run_does_not_drain_the_queue(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(TraceWriter, "write_tap", slow_write)
-    monkeypatch.setattr(tracing, "run_packed", interrupted)
+    monkeypatch.setattr(paths, "run_packed", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, debug_batch(30))
     assert len(calls) <= 1  # the tap in hand at most; 50 unpacked taps were queued

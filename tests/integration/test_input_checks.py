@@ -102,7 +102,7 @@ def test_broken_gzip_and_non_utf8_fasta_are_one_line(tmp_path):
         read_fasta(bad)
     latin = tmp_path / "latin.fasta"
     latin.write_bytes(b">p\xe9\nMKT\n")
-    with pytest.raises(TracerError, match="is not UTF-8 text"):
+    with pytest.raises(TracerError, match="cannot read FASTA file .*: not UTF-8 text"):
         read_fasta(latin)
 
 
