@@ -142,7 +142,7 @@ class AsyncTapWriter:
                 self._disk_q.put((path, name, host, pool, crc))
             except BaseException as e:  # surfaced by close()/submit() in the main thread
                 self.error = e
-                self._disk_q.put((path, name, tensor, None))  # (not written: only accounted)
+                self._disk_q.put((path, name, tensor, None, None))  # (not written: only accounted)
             del tensor, item
 
     def _disk_loop(self) -> None:
