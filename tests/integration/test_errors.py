@@ -20,6 +20,7 @@ from tracer import bundle as bundle_cli
 from tracer import run as run_cli
 from tracer.models import build_random
 from tracer.sequences import debug_batch
+from tracer.files import partials_of
 from tracer.store import partial_path
 
 BASE = ["--model", SMALL, "--weights", "random", "--device", "cpu", "--quiet"]
@@ -201,7 +202,7 @@ def test_sigint_during_a_real_run(tmp_path):
             if "judging under way" in line:
                 break
         assert seen and "judging under way" in seen[-1], seen  # the run is held mid-flight
-        assert partial_path(out).exists(), seen  # there is a half-written trace to clean up
+        assert partials_of(out), seen  # there is a half-written trace to clean up
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:
@@ -211,7 +212,7 @@ def test_sigint_during_a_real_run(tmp_path):
             p.wait()
     assert p.returncode == 130, err
     assert "tracer: interrupted (no trace was written)" in err and "Traceback" not in err
-    assert not out.exists() and not partial_path(out).exists()
+    assert not out.exists() and not partials_of(out)
 
 
 # ---------------------------------------------------------------------------------------------
