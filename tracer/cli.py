@@ -131,3 +131,25 @@ def rule_from_args(args, dtype: str, has_reference: bool) -> Rule | None:
         site_max_rel_l2=sites,
         min_cos=args.min_cos,
     )
+
+
+def add_model_options(group, dtype_help: str = "dtype of both paths (default bfloat16)") -> None:
+    """The model and run options that ``tracer.experiments`` and ``tracer.sweep`` share (as
+    ``tracer.run``'s). Imports lazily: the read-only tools import this module without fair-esm."""
+    from tracer.attention import BACKENDS
+    from tracer.env import DTYPES
+    from tracer.models import ARCHITECTURES, DEFAULT_MODEL
+    from tracer.packed import ROPE_MODES
+    from tracer.tracing import REFERENCES
+
+    group.add_argument("--model", default=None, metavar="NAME", help=f"fair-esm ESM-2 name (default {DEFAULT_MODEL}); one of {', '.join(ARCHITECTURES)}")
+    group.add_argument("--weights", default="auto", metavar="auto|random|PATH", help="as tracer.run (default auto)")
+    group.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
+    group.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in the checkpoint")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    group.add_argument("--dtype", choices=[d for d in DTYPES if d != "float64"], default="bfloat16", help=dtype_help)
+    group.add_argument("--attn", choices=BACKENDS, default="auto", help="packed attention backend of the builtin path (default auto)")
+    group.add_argument("--packed-rope", choices=ROPE_MODES, default="fp32", help="packed RoPE of the builtin path (default fp32)")
+    group.add_argument("--reference", choices=REFERENCES, default="auto", help="reference path (default auto)")
+    group.add_argument("--packed", default="builtin", metavar="SPEC", help="packed path: builtin, or a plug-in (as tracer.run --packed)")
+    group.add_argument("--unpacked", default="fair-esm", metavar="SPEC", help="unpacked path: fair-esm, or a plug-in (as tracer.run --unpacked)")

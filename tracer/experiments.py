@@ -52,16 +52,15 @@ import torch
 
 from tracer import attention, models, probes
 from tracer.campaign import Campaign, check_folder, Progress, TraceFacts, fmt_cos, where, write_atomic, write_json_atomic
-from tracer.cli import Parser, main_guard
-from tracer.env import DTYPES, resolve_device, resolve_dtype
+from tracer.cli import Parser, add_model_options, main_guard
+from tracer.env import resolve_device, resolve_dtype
 from tracer.errors import TracerError
 from tracer.faults import FAULT_NAMES, parse_faults
-from tracer.models import ARCHITECTURES, DEFAULT_MODEL
-from tracer.packed import ROPE_MODES
+from tracer.models import DEFAULT_MODEL
 from tracer.packing import PACK_ORDERS
 from tracer.paths import encode
 from tracer.sequences import Sequence, debug_batch, read_fasta
-from tracer.tracing import REFERENCES, RunConfig, trace
+from tracer.tracing import RunConfig, trace
 
 TOOL = "tracer.experiments"
 FLASH_BACKENDS = ("flash-attn", "torch-varlen", "math")
@@ -393,18 +392,8 @@ def build_parser() -> Parser:
     s.add_argument("--seq-len", type=int, default=400, metavar="N", help="residues of the 'large' sequence (default 400)")
     s.add_argument("--fasta", metavar="FILE", help="use the sequences of a FASTA file instead")
     m = p.add_argument_group("model and baseline")
-    m.add_argument("--model", default=None, metavar="NAME", help=f"fair-esm ESM-2 name (default {DEFAULT_MODEL}); one of {', '.join(ARCHITECTURES)}")
-    m.add_argument("--weights", default="auto", metavar="auto|random|PATH", help="as tracer.run (default auto)")
-    m.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
-    m.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in the checkpoint")
-    m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    m.add_argument("--dtype", choices=[d for d in DTYPES if d != "float64"], default="bfloat16", help="baseline dtype (default bfloat16)")
-    m.add_argument("--attn", choices=attention.BACKENDS, default="auto", help="baseline attention backend (default auto)")
-    m.add_argument("--packed-rope", choices=ROPE_MODES, default="fp32", help="baseline packed RoPE (default fp32)")
-    m.add_argument("--reference", choices=REFERENCES, default="auto", help="reference path (default auto)")
+    add_model_options(m, "baseline dtype (default bfloat16)")
     m.add_argument("--pack-order", choices=PACK_ORDERS, default="given", help="baseline pack order (default given)")
-    m.add_argument("--packed", default="builtin", metavar="SPEC", help="packed path: builtin, or a plug-in (as tracer.run --packed)")
-    m.add_argument("--unpacked", default="fair-esm", metavar="SPEC", help="unpacked path: fair-esm, or a plug-in (as tracer.run --unpacked)")
     m.add_argument("--fault", action="append", default=[], metavar="NAME[@LAYERS]", help=f"plant a known bug in every variant (validation): {', '.join(FAULT_NAMES)}")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR", help="output folder (default experiments/<model>-<dtype>-L<lengths>); rerun to resume")

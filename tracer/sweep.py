@@ -34,18 +34,17 @@ from pathlib import Path
 
 import torch
 
-from tracer import attention, models
+from tracer import models
 from tracer.campaign import Campaign, Progress, TraceFacts, check_folder, file_mode, fmt_cos, where, write_atomic, write_json_atomic
-from tracer.cli import Parser, main_guard
-from tracer.env import DTYPES, resolve_device
+from tracer.cli import Parser, add_model_options, main_guard
+from tracer.env import resolve_device
 from tracer.errors import TracerError
 from tracer.experiments import packed_spec, plugin_kwargs, unpacked_spec
 from tracer.faults import FAULT_NAMES, parse_faults
-from tracer.models import ARCHITECTURES, DEFAULT_MODEL
-from tracer.packed import ROPE_MODES
+from tracer.models import DEFAULT_MODEL
 from tracer.sequences import make_batch, motif_sequence
 from tracer.taps import SITES
-from tracer.tracing import REFERENCES, RunConfig, trace
+from tracer.tracing import RunConfig, trace
 
 TOOL = "tracer.sweep"
 PAIRS = ("packed-vs-unpacked", "packed-vs-reference", "unpacked-vs-reference")
@@ -262,17 +261,7 @@ def build_parser() -> Parser:
     p.add_argument("--lengths", default="50:1000:50", metavar="START:STOP:STEP|A,B,...", help="lengths in residues, stop included (default 50:1000:50)")
     p.add_argument("--sites", default=",".join(DEFAULT_SITES), metavar="A,B", help=f"taps of interest in the plot and table (default {','.join(DEFAULT_SITES)}); any of {', '.join([*SITES, 'embed', 'final_norm'])}")
     m = p.add_argument_group("model and run")
-    m.add_argument("--model", default=None, metavar="NAME", help=f"fair-esm ESM-2 name (default {DEFAULT_MODEL}); one of {', '.join(ARCHITECTURES)}")
-    m.add_argument("--weights", default="auto", metavar="auto|random|PATH", help="as tracer.run (default auto)")
-    m.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
-    m.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in the checkpoint")
-    m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    m.add_argument("--dtype", choices=[d for d in DTYPES if d != "float64"], default="bfloat16", help="dtype of both paths (default bfloat16)")
-    m.add_argument("--attn", choices=attention.BACKENDS, default="auto", help="packed attention backend (default auto)")
-    m.add_argument("--packed-rope", choices=ROPE_MODES, default="fp32", help="packed RoPE (default fp32)")
-    m.add_argument("--reference", choices=REFERENCES, default="auto", help="reference path (default auto)")
-    m.add_argument("--packed", default="builtin", metavar="SPEC", help="packed path: builtin, or a plug-in (as tracer.run --packed)")
-    m.add_argument("--unpacked", default="fair-esm", metavar="SPEC", help="unpacked path: fair-esm, or a plug-in (as tracer.run --unpacked)")
+    add_model_options(m, "dtype of both paths (default bfloat16)")
     m.add_argument("--fault", action="append", default=[], metavar="NAME[@LAYERS]", help=f"plant a known bug (validation): {', '.join(FAULT_NAMES)}")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR", help="output folder (default sweeps/<model>-<dtype>-<lengths>); rerun to resume")
