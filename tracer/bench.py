@@ -222,6 +222,7 @@ def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Pa
     backend = attention.resolve(attn, device, dtype)
     say(f"bench: loading {model_name} (random weights)")
     loaded = models.load_model(model_name, "random", 0)
+    models.wait_for_cache_writes()  # a first build writes the weights cache (GBs) in the background: not while timing
     model, arch, _ = loaded
     seqs = debug_batch(seq_len)
     batch = encode(seqs, model.alphabet)
@@ -353,6 +354,7 @@ def _production_child(spec: str) -> None:
     ref_dtype = reference_dtype("auto", dtype)
     rss0 = _status_bytes("VmRSS")
     loaded = models.load_model(a["model"], "random", 0)
+    models.wait_for_cache_writes()  # never time against the background cache write
     model, arch, _ = loaded
     seqs = production_batch(a["n"])
     config = RunConfig(model=a["model"], weights="random", device=a["device"], dtype=a["dtype"], attn=a["attn"],
