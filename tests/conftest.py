@@ -16,6 +16,8 @@ from tracer.sequences import make_batch, motif_sequence
 from tracer.tracing import RunConfig, trace
 
 SMALL = "esm2_t6_8M_UR50D"
+BASE = ["--model", SMALL, "--weights", "random", "--device", "cpu", "--quiet"]
+"""CLI arguments of a quiet CPU run of the small random model."""
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # seeded random weights are cached (tracer.models.random_cache_path): keep the tests' cache out of ~/.cache
@@ -40,3 +42,13 @@ def small_model():
 
     model, arch, _ = load_model(SMALL, "random", seed=0)
     return model, arch
+
+
+def one_line_error(capsys, main, argv, fragment, code=2):
+    """Run a CLI main in-process; assert exit code, exactly one stderr line, the fragment."""
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("tracer: error: "), err
+    assert fragment in err[0], err[0]
+    return err[0]

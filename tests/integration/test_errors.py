@@ -13,9 +13,9 @@ import h5py
 import pytest
 import torch
 
-from tests.conftest import SMALL, run
+from tests.conftest import BASE, SMALL, one_line_error, run
 from tests.unit.test_models import TINY, write_checkpoint
-from tracer import compare, paths, plot, tracing
+from tracer import compare, paths, plot
 from tracer import bundle as bundle_cli
 from tracer import run as run_cli
 from tracer.models import build_random
@@ -23,17 +23,7 @@ from tracer.sequences import debug_batch
 from tracer.files import partials_of
 from tracer.store import partial_path
 
-BASE = ["--model", SMALL, "--weights", "random", "--device", "cpu", "--quiet"]
 
-
-def one_line_error(capsys, main, argv, fragment, code=2):
-    """Run a CLI main in-process; assert exit code, exactly one stderr line, the fragment."""
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("tracer: error: "), err
-    assert fragment in err[0], err[0]
-    return err[0]
 
 
 @pytest.fixture(scope="module")

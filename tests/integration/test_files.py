@@ -15,7 +15,7 @@ import time
 import h5py
 import pytest
 
-from tests.conftest import SMALL, run
+from tests.conftest import BASE, one_line_error, run
 from tracer import bench as bench_cli
 from tracer import bundle as bundle_cli
 from tracer import plot as plot_cli
@@ -28,18 +28,8 @@ from tracer.packing import Layout
 from tracer.sequences import debug_batch
 from tracer.store import TraceWriter, open_trace
 
-BASE = ["--model", SMALL, "--weights", "random", "--device", "cpu", "--quiet"]
 SIGNALS_TO_RESET = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-
-def one_line_error(capsys, main, argv, fragment, code=2):
-    """Run a CLI main in-process; assert exit code, exactly one stderr line, the fragment."""
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("tracer: error: "), err
-    assert fragment in err[0], err[0]
-    return err[0]
 
 
 def leftovers(folder):

@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import torch
 
-from tests.conftest import SMALL
+from tests.conftest import BASE
 from tests.unit.test_models import TINY, write_checkpoint
 from tracer import bench as bench_cli
 from tracer import bundle as bundle_cli
@@ -21,7 +21,6 @@ from tracer.errors import TracerError
 from tracer.models import build_random, load_model
 from tracer.sequences import read_fasta
 
-BASE = ["--model", SMALL, "--weights", "random", "--device", "cpu", "--quiet"]
 
 
 def one_line(capsys, main, argv, fragment, prefix="error: "):
