@@ -212,6 +212,25 @@ class TraceFacts:
         )
 
 
+def run_and_report(work, out: Path, unit: str, as_json: bool, format_markdown, files: str) -> int:
+    """A campaign CLI's ending: run ``work()`` (no autograd), keep finished ``unit`` on Ctrl-C
+    (exit 130, resumable), then print the record as JSON or Markdown plus where its ``files`` are."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            record = work()
+    except KeyboardInterrupt:
+        print(f"tracer: interrupted; finished {unit} are kept in {out}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if as_json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(format_markdown(record), end="")
+        print(f"summary   {files}")
+    return 0
+
+
 def where(first: dict | None) -> str:
     """``layer 0 q_rope, large token 257`` (or ``none``)."""
     if not first:

@@ -48,10 +48,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from tracer import attention, models, probes
-from tracer.campaign import Campaign, check_folder, Progress, TraceFacts, fmt_cos, where, write_atomic, write_json_atomic
+from tracer.campaign import Campaign, check_folder, Progress, run_and_report, TraceFacts, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, add_model_options, main_guard
 from tracer.env import resolve_device, resolve_dtype
 from tracer.errors import TracerError
@@ -433,18 +432,10 @@ def main(argv=None) -> int:
     command = tuple(["python", "-m", TOOL, *(sys.argv[1:] if argv is None else argv)])
     base = base_config(args, sequences, command)
     out = Path(args.out) if args.out else default_out(args, sequences)
-    try:
-        with torch.no_grad():
-            record = run_matrix(base, sequences, out, force=args.force, tensors=args.tensors, quiet=args.quiet)
-    except KeyboardInterrupt:
-        print(f"tracer: interrupted; finished variants are kept in {out}; rerun the same command to resume", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(record, indent=2))
-    else:
-        print(format_markdown(record), end="")
-        print(f"summary   {out / 'summary.md'}, {out / 'summary.json'}; traces in {out / 'traces'}")
-    return 0
+    return run_and_report(
+        lambda: run_matrix(base, sequences, out, force=args.force, tensors=args.tensors, quiet=args.quiet),
+        out, "variants", args.json, format_markdown, f"{out / 'summary.md'}, {out / 'summary.json'}; traces in {out / 'traces'}",
+    )
 
 
 if __name__ == "__main__":

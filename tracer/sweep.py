@@ -25,17 +25,15 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import os
 import tempfile
 from pathlib import Path
 
-import torch
 
 from tracer import models
-from tracer.campaign import Campaign, Progress, TraceFacts, check_folder, file_mode, fmt_cos, where, write_atomic, write_json_atomic
+from tracer.campaign import Campaign, Progress, run_and_report, TraceFacts, check_folder, file_mode, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, add_model_options, main_guard
 from tracer.env import resolve_device
 from tracer.errors import TracerError
@@ -294,18 +292,11 @@ def main(argv=None) -> int:
     from tracer.plot import use_file_backend
 
     use_file_backend()
-    try:
-        with torch.no_grad():
-            record = run_sweep(base, lengths, out, force=args.force, tensors=args.tensors, quiet=args.quiet, sites=sites)
-    except KeyboardInterrupt:
-        print(f"tracer: interrupted; finished lengths are kept in {out}; rerun the same command to resume", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(record, indent=2))
-    else:
-        print(format_markdown(record), end="")
-        print(f"summary   {out / 'summary.md'}, {out / 'summary.json'}, plot {out / 'sweep.png'}; traces in {out / 'traces'}")
-    return 0
+    return run_and_report(
+        lambda: run_sweep(base, lengths, out, force=args.force, tensors=args.tensors, quiet=args.quiet, sites=sites),
+        out, "lengths", args.json, format_markdown,
+        f"{out / 'summary.md'}, {out / 'summary.json'}, plot {out / 'sweep.png'}; traces in {out / 'traces'}",
+    )
 
 
 if __name__ == "__main__":
