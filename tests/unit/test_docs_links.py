@@ -1,0 +1,65 @@
+"""Every relative link in README.md and docs/*.md points to a file that exists, and every
+``#anchor`` to a heading of that file (GitHub's heading slugs)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
+
+
+def prose_lines(text: str) -> list[str]:
+    """The lines outside fenced code blocks (links and headings in code are not links)."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if not fenced:
+            lines.append(line)
+    return lines
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    return {slug(m.group(1)) for line in prose_lines(page.read_text()) if (m := HEADING.match(line))}
+
+
+def links(page: Path) -> list[str]:
+    return [m.group(1) for line in prose_lines(page.read_text()) for m in LINK.finditer(line)]
+
+
+def test_the_pages_exist_and_have_links():
+    assert (ROOT / "docs" / "README.md").is_file()
+    assert len(PAGES) >= 5
+    assert sum(len(links(p)) for p in PAGES) >= 20  # the scanner finds links at all
+
+
+def test_slug_matches_githubs_anchors():
+    assert slug("Measuring it: `tracer.bench`") == "measuring-it-tracerbench"
+    assert slug("Dtypes, step by step") == "dtypes-step-by-step"
+    assert slug("ESM-2 3B on a GPU") == "esm-2-3b-on-a-gpu"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    broken = []
+    for target in links(page):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...: not checked here
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(f"{target} (no heading #{anchor} in {dest.name})")
+    assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"
