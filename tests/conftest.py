@@ -12,15 +12,15 @@ import tempfile
 import pytest
 import torch
 
-from tracer.sequences import make_batch, motif_sequence
-from tracer.tracing import RunConfig, trace
+from tracer.inputs.sequences import make_batch, motif_sequence
+from tracer.runner.execute import RunConfig, trace
 
 SMALL = "esm2_t6_8M_UR50D"
 BASE = ["--model", SMALL, "--weights", "random", "--device", "cpu", "--quiet"]
 """CLI arguments of a quiet CPU run of the small random model."""
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-# seeded random weights are cached (tracer.models.random_cache_path): keep the tests' cache out of ~/.cache
+# seeded random weights are cached (tracer.esm.models.random_cache_path): keep the tests' cache out of ~/.cache
 os.environ.setdefault("TRACER_CACHE_DIR", tempfile.mkdtemp(prefix="tracer-test-cache-"))
 
 
@@ -38,7 +38,7 @@ def run(tmp_path, sequences=None, name="trace.h5", **kwargs):
 
 @pytest.fixture
 def small_model():
-    from tracer.models import load_model
+    from tracer.esm.models import load_model
 
     model, arch, _ = load_model(SMALL, "random", seed=0)
     return model, arch

@@ -26,11 +26,11 @@ def __getattr__(name):
     # the read API is imported on first use, so that ``python -m tracer.run`` reaches its
     # entry point (and its signal handling) before torch and h5py load
     if name in ("Trace", "open_trace"):
-        from tracer import store
+        from tracer.store import trace_file as store
 
         return getattr(store, name)
     if name == "tap":
-        from tracer.observe import tap
+        from tracer.capture.observe import tap
 
         return tap
     raise AttributeError(f"module 'tracer' has no attribute {name!r}")

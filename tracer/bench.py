@@ -33,7 +33,7 @@ vary, so nothing here asserts.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
-    from tracer.interrupts import quiet_during_imports
+    from tracer.runner.interrupts import quiet_during_imports
 
     quiet_during_imports()
 
@@ -51,14 +51,16 @@ import h5py
 import numpy as np
 import torch
 
-from tracer import attention, models
+from tracer.esm import attention
+
+from tracer.esm import models
 from tracer.cli import Parser, main_guard
 from tracer.env import dtype_name, environment, resolve_device, resolve_dtype
 from tracer.errors import TracerError
-from tracer.packed import PackedESM2
-from tracer.paths import encode
-from tracer.sequences import debug_batch
-from tracer.tracing import RunConfig, reference_dtype, trace
+from tracer.esm.packed_forward import PackedESM2
+from tracer.capture.paths import encode
+from tracer.inputs.sequences import debug_batch
+from tracer.runner.execute import RunConfig, reference_dtype, trace
 
 GB = 1e9
 MB = 1e6
@@ -124,8 +126,8 @@ def tracer_write(folder: Path, trace_path: Path) -> tuple[float, int]:
     Each distinct (shape, dtype) gets one tensor of random values, reused (contents do not
     change the speed of an uncompressed write).
     """
-    from tracer.capture import AsyncTapWriter
-    from tracer.store import TraceWriter
+    from tracer.store.tap_writer import AsyncTapWriter
+    from tracer.store.trace_file import TraceWriter
 
     with h5py.File(trace_path) as f:
         taps = [(p, n, ds.shape, ds.attrs["dtype"]) for p in f["taps"] for n, ds in f["taps"][p].items()]
@@ -189,7 +191,7 @@ def comparator_probe(trace_path: Path) -> dict:
     code = (
         "import json, resource, sys, time;"
         "import tracer.compare as c;"
-        "from tracer.store import open_trace;"
+        "from tracer.store.trace_file import open_trace;"
         "base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize();"
         "t = time.perf_counter();"
         "tr = open_trace(sys.argv[1]); s = c.summarize(tr, recompute=True); tr.close();"
@@ -203,8 +205,8 @@ def comparator_probe(trace_path: Path) -> dict:
 
 def _ratios(trace_path: Path) -> dict:
     from tracer.compare import stored_table
-    from tracer.store import open_trace
-    from tracer.verdict import noise_ratios
+    from tracer.store.trace_file import open_trace
+    from tracer.judging.verdict import noise_ratios
 
     with open_trace(trace_path) as t:
         return noise_ratios(stored_table(t))
@@ -335,7 +337,7 @@ def format_table(r: dict) -> str:
 
 def production_batch(n: int, seed: int = 0, lo: int = 100, hi: int = 700):
     """``n`` seeded random protein sequences of ``lo``-``hi`` residues."""
-    from tracer.sequences import make_batch
+    from tracer.inputs.sequences import make_batch
 
     rng = np.random.default_rng(seed)
     letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))

@@ -17,7 +17,7 @@ attachment limit); the slim trace re-reads with ``tracer.compare`` and ``tracer.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
-    from tracer.interrupts import quiet_during_imports
+    from tracer.runner.interrupts import quiet_during_imports
 
     quiet_during_imports()
 
@@ -35,8 +35,8 @@ from tracer.cli import Parser, main_guard
 from tracer.compare import stored_table, summarize
 from tracer.errors import TracerError
 from tracer.plot import plot_trace, use_file_backend
-from tracer import files
-from tracer.store import TraceWriter, open_trace, reading, to_numpy
+from tracer.store import files
+from tracer.store.trace_file import TraceWriter, open_trace, reading, to_numpy
 from tracer.taps import EMBED, SITES, parse_tap, tap_name
 
 SLIM = "trace-slim.h5"

@@ -10,9 +10,9 @@ import signal
 import sys
 import warnings
 
-from tracer import interrupts
+from tracer.runner import interrupts
 from tracer.errors import TracerError
-from tracer.verdict import NOISE_FACTOR, PLAIN_MAX_REL_L2, Rule
+from tracer.judging.verdict import NOISE_FACTOR, PLAIN_MAX_REL_L2, Rule
 from tracer.taps import SITES
 
 
@@ -32,7 +32,7 @@ def one_line(text: str) -> str:
 
 def main_guard(fn):
     """Run a CLI ``main``: :class:`TracerError` -> one line on stderr and exit 2; Ctrl-C,
-    SIGTERM, SIGHUP -> one line and exit 128 + signal number (:mod:`tracer.interrupts`)."""
+    SIGTERM, SIGHUP -> one line and exit 128 + signal number (:mod:`tracer.runner.interrupts`)."""
 
     @functools.wraps(fn)
     def wrapper(argv=None) -> int:
@@ -136,11 +136,11 @@ def rule_from_args(args, dtype: str, has_reference: bool) -> Rule | None:
 def add_model_options(group, dtype_help: str = "dtype of both paths (default bfloat16)") -> None:
     """The model and run options that ``tracer.experiments`` and ``tracer.sweep`` share (as
     ``tracer.run``'s). Imports lazily: the read-only tools import this module without fair-esm."""
-    from tracer.attention import BACKENDS
+    from tracer.esm.attention import BACKENDS
     from tracer.env import DTYPES
-    from tracer.models import ARCHITECTURES, DEFAULT_MODEL
-    from tracer.packed import ROPE_MODES
-    from tracer.tracing import REFERENCES
+    from tracer.esm.models import ARCHITECTURES, DEFAULT_MODEL
+    from tracer.esm.packed_forward import ROPE_MODES
+    from tracer.runner.execute import REFERENCES
 
     group.add_argument("--model", default=None, metavar="NAME", help=f"fair-esm ESM-2 name (default {DEFAULT_MODEL}); one of {', '.join(ARCHITECTURES)}")
     group.add_argument("--weights", default="auto", metavar="auto|random|PATH", help="as tracer.run (default auto)")

@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
-    from tracer.interrupts import quiet_during_imports
+    from tracer.runner.interrupts import quiet_during_imports
 
     quiet_during_imports()
 
@@ -38,10 +38,10 @@ import torch
 
 from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
-from tracer.metrics import METRICS, metrics_table, norms, token_metrics
-from tracer.store import Trace, from_numpy, open_trace, reading
-from tracer.report import PAIRS, batch_description, default_rule, summary_context
-from tracer.verdict import PAIR, ROUNDED, MetricsTable, Point, Rule, Summary, judge
+from tracer.judging.metrics import METRICS, metrics_table, norms, token_metrics
+from tracer.store.trace_file import Trace, from_numpy, open_trace, reading
+from tracer.judging.pairs import PAIRS, batch_description, default_rule, summary_context
+from tracer.judging.verdict import PAIR, ROUNDED, MetricsTable, Point, Rule, Summary, judge
 from tracer.taps import parse_tap
 
 

@@ -4,7 +4,7 @@ Runs a matrix of traced variants of one configuration and prints one verdict tab
 is a hypothesis from the debug log (RoPE, attention kernel, packing, order, precision), what was
 changed for it, the first divergence of packed vs unpacked (or none), which side drifts from the
 high-precision reference, and the cosine of the mean-pooled final embeddings (mean over
-residues, as ESM-2 users pool them; :mod:`tracer.embeddings`) of packed vs unpacked and of each
+residues, as ESM-2 users pool them; :mod:`tracer.judging.embeddings`) of packed vs unpacked and of each
 vs the reference, for the longest sequence. The last line names the variant(s) that remove the
 divergence.
 
@@ -15,7 +15,7 @@ Rows (``V`` = the baseline's value):
 * ``rope-module`` -- the packed path's rotation vs fair-esm's own rotary module on the very Q/K
   fair-esm's layer 0 produced (a direct module comparison, float64 reference; no embeddings).
 * ``rope-unpacked-fp32`` -- fair-esm's padded path with its RoPE computed in float32 for this run
-  (:func:`tracer.probes.fair_esm_rope_fp32`; the model's buffers are not touched).
+  (:func:`tracer.campaigns.probes.fair_esm_rope_fp32`; the model's buffers are not touched).
 * ``attn-<backend>`` -- each other available attention backend of the packed path.
 * ``attn-module`` -- the packed kernel vs fair-esm's attention on identical Q/K/V (first and
   last layer; float64 reference; no embeddings).
@@ -49,17 +49,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from tracer import attention, models, probes
-from tracer.campaign import Campaign, check_folder, Progress, run_and_report, TraceFacts, fmt_cos, where, write_atomic, write_json_atomic
+from tracer.esm import attention
+
+
+from tracer.esm import models
+
+
+from tracer.campaigns import probes
+from tracer.campaigns.campaign import Campaign, check_folder, Progress, run_and_report, TraceFacts, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, add_model_options, main_guard
 from tracer.env import resolve_device, resolve_dtype
 from tracer.errors import TracerError
-from tracer.faults import FAULT_NAMES, parse_faults
-from tracer.models import DEFAULT_MODEL
-from tracer.packing import PACK_ORDERS
-from tracer.paths import encode
-from tracer.sequences import Sequence, debug_batch, read_fasta
-from tracer.tracing import RunConfig, trace
+from tracer.inputs.faults import FAULT_NAMES, parse_faults
+from tracer.esm.models import DEFAULT_MODEL
+from tracer.inputs.packing import PACK_ORDERS
+from tracer.capture.paths import encode
+from tracer.inputs.sequences import Sequence, debug_batch, read_fasta
+from tracer.runner.execute import RunConfig, trace
 
 TOOL = "tracer.experiments"
 FLASH_BACKENDS = ("flash-attn", "torch-varlen", "math")
@@ -78,7 +84,7 @@ class Variant:
             ``same`` (identical to the baseline: its result is reused) or ``n/a`` (does not apply).
         config: the run's configuration (``trace`` rows).
         sequences: the run's sequences (``trace`` rows).
-        rope_fp32_unpacked: run under :func:`tracer.probes.fair_esm_rope_fp32`.
+        rope_fp32_unpacked: run under :func:`tracer.campaigns.probes.fair_esm_rope_fp32`.
         note: why a row does not apply, or remarks.
     """
 

@@ -19,7 +19,7 @@ bundle's slim file). The functions return matplotlib figures, for notebooks::
 from __future__ import annotations
 
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
-    from tracer.interrupts import quiet_during_imports
+    from tracer.runner.interrupts import quiet_during_imports
 
     quiet_during_imports()
 
@@ -32,13 +32,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
 
-from tracer import files
+from tracer.store import files
 from tracer.cli import Parser, main_guard
 from tracer.compare import stored_table
 from tracer.errors import TracerError
-from tracer.store import open_trace, reading
+from tracer.store.trace_file import open_trace, reading
 from tracer.taps import EMBED, FINAL, SITES, parse_tap
-from tracer.verdict import MetricsTable
+from tracer.judging.verdict import MetricsTable
 
 PAIR_LABELS = {
     "packed-vs-unpacked": "packed vs unpacked",

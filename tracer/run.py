@@ -11,27 +11,26 @@ Example::
 from __future__ import annotations
 
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
-    from tracer.interrupts import quiet_during_imports
+    from tracer.runner.interrupts import quiet_during_imports
 
     quiet_during_imports()
 
 import argparse
 import json
 import sys
-import warnings
 
-from tracer.attention import BACKENDS
+from tracer.esm.attention import BACKENDS
 from tracer.cli import Parser, add_rule_options, main_guard, rule_from_args
 from tracer.env import DTYPES
 from tracer.errors import TracerError
-from tracer.faults import FAULT_NAMES, parse_faults
-from tracer.models import ARCHITECTURES, DEFAULT_MODEL
-from tracer.packed import ROPE_MODES
-from tracer.packing import PACK_ORDERS
-from tracer.sequences import debug_batch, make_batch, motif_sequence, read_fasta
-from tracer.store import COMPRESSIONS
+from tracer.inputs.faults import FAULT_NAMES, parse_faults
+from tracer.esm.models import ARCHITECTURES, DEFAULT_MODEL
+from tracer.esm.packed_forward import ROPE_MODES
+from tracer.inputs.packing import PACK_ORDERS
+from tracer.inputs.sequences import debug_batch, make_batch, motif_sequence, read_fasta
+from tracer.store.trace_file import COMPRESSIONS
 from tracer.taps import EMBED, FINAL, SITES
-from tracer.tracing import REFERENCES, RunConfig, trace
+from tracer.runner.execute import REFERENCES, RunConfig, trace
 
 
 MAX_LAYER = 9999

@@ -1,6 +1,6 @@
 """Validate the tracer on your model and machine: ``python -m tracer.selfcheck``.
 
-Plants each known bug (:mod:`tracer.faults`) in turn, on the model, device, dtype and attention
+Plants each known bug (:mod:`tracer.inputs.faults`) in turn, on the model, device, dtype and attention
 backend you choose, under every pack order (``--pack-order`` picks some), and checks that the comparator names the exact first layer, tap, sequence
 and token, and for single-token perturbations that attribution names the faulty path. The
 model is loaded once; each case is a ``--metrics-only`` run (nothing large is written). The
@@ -17,7 +17,7 @@ Exit status 0 when every case matches, 1 otherwise.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
-    from tracer.interrupts import quiet_during_imports
+    from tracer.runner.interrupts import quiet_during_imports
 
     quiet_during_imports()
 
@@ -28,13 +28,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracer import models
+from tracer.esm import models
 from tracer.cli import Parser, main_guard
 from tracer.errors import TracerError
-from tracer.faults import Faults, Perturbation
-from tracer.packing import PACK_ORDERS, pack_order
-from tracer.sequences import debug_batch
-from tracer.tracing import RunConfig, trace
+from tracer.inputs.faults import Faults, Perturbation
+from tracer.inputs.packing import PACK_ORDERS, pack_order
+from tracer.inputs.sequences import debug_batch
+from tracer.runner.execute import RunConfig, trace
 
 TINY, SMALL, MEDIUM, LARGE = range(4)
 

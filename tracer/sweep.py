@@ -3,7 +3,7 @@
 Traces one sequence per length (the motif ``MKTAYIAK`` repeated and cut to length, alone) with
 one loaded model, and reports per length the verdict, the first divergence, which side drifts,
 per tap site the first layer where packed and unpacked diverge, and the cosine of the
-mean-pooled final embeddings (:mod:`tracer.embeddings`) of packed vs unpacked and of each vs
+mean-pooled final embeddings (:mod:`tracer.judging.embeddings`) of packed vs unpacked and of each vs
 the reference. A **cliff** is a step between consecutive lengths where the verdict flips, where
 ``1 - cos`` (packed vs unpacked, pooled) grows by 10x or more, or where a site of interest's
 worst-token relative L2 error (packed vs unpacked) grows by 3x or more; cliffs are listed in the
@@ -32,17 +32,17 @@ import tempfile
 from pathlib import Path
 
 
-from tracer import models
-from tracer.campaign import Campaign, Progress, run_and_report, TraceFacts, check_folder, file_mode, fmt_cos, where, write_atomic, write_json_atomic
+from tracer.esm import models
+from tracer.campaigns.campaign import Campaign, Progress, run_and_report, TraceFacts, check_folder, file_mode, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, add_model_options, main_guard
 from tracer.env import resolve_device
 from tracer.errors import TracerError
 from tracer.experiments import packed_spec, plugin_kwargs, unpacked_spec
-from tracer.faults import FAULT_NAMES, parse_faults
-from tracer.models import DEFAULT_MODEL
-from tracer.sequences import make_batch, motif_sequence
+from tracer.inputs.faults import FAULT_NAMES, parse_faults
+from tracer.esm.models import DEFAULT_MODEL
+from tracer.inputs.sequences import make_batch, motif_sequence
 from tracer.taps import SITES
-from tracer.tracing import RunConfig, trace
+from tracer.runner.execute import RunConfig, trace
 
 TOOL = "tracer.sweep"
 PAIRS = ("packed-vs-unpacked", "packed-vs-reference", "unpacked-vs-reference")

@@ -1,4 +1,4 @@
-"""Tap names, and the forward hooks that record them from either path.
+"""Tap names: the stable dotted names of the recorded tensors, shared by every stage.
 
 A *tap* is one named tensor of the forward pass. Names are stable and dotted, and taps are
 matched across paths by name::
@@ -18,27 +18,16 @@ matched across paths by name::
 rotation, so the query is recorded exactly as the attention product consumes it.
 
 Every tap is handed to the recorder **token-major in canonical order** (``(N, ...)``, sequences in
-input order, tokens 0..L+1 each; see :mod:`tracer.packing`), whatever layout the path uses
+input order, tokens 0..L+1 each; see :mod:`tracer.inputs.packing`), whatever layout the path uses
 inside: fair-esm's ``(T, B, E)`` and ``(B*H, T, d)``, or the packed ``(N, H, d)``. A tap records
 ``x.detach()`` and returns nothing, so it never changes the forward. Hooks live inside a context
 manager and are removed in ``finally``. The paths of a run share fair-esm's modules and run in
-lockstep threads (:mod:`tracer.lockstep`), so a hook acts only in the thread that installed it.
+lockstep threads (:mod:`tracer.capture.lockstep`), so a hook acts only in the thread that installed it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Callable
-
-import torch
-from torch import nn
-
 from tracer.errors import TracerError
-from tracer.faults import Perturbation
-from tracer.packing import Layout
 
 SITES = ("q_rope", "k_rope", "v", "ctx", "attn_out", "resid_mid", "ffn_out", "resid_out")
 """Per-layer sites in data-flow order."""
@@ -47,8 +36,6 @@ HEAD_SITES = frozenset({"q_rope", "k_rope", "v", "ctx"})
 EMBED = "embed"
 FINAL = "final_norm"
 
-Record = Callable[[str, torch.Tensor], None]
-"""``record(tap_name, canonical_tensor)``: where hooks deliver taps."""
 
 
 def tap_name(layer: int, site: str) -> str:
@@ -109,201 +96,3 @@ def select_taps(num_layers: int, taps: list[str] | None, layers: list[int] | Non
         names.append(FINAL)
     return names
 
-
-class HookPoint(nn.Module):
-    """Identity module: a named place in the packed forward to hang a hook on."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-# ---------------------------------------------------------------------------------------------
-# fair-esm's padded forward: where each site lives and what layout it has there.
-
-
-@dataclass(frozen=True)
-class _Site:
-    """How to reach one site in fair-esm's modules.
-
-    Attributes:
-        module: ``(model, layer) -> module`` to hook.
-        kind: ``pre`` (forward pre-hook, tensor in the inputs) or ``post`` (in the output).
-        item: index of the tensor in the args tuple / output tuple; ``None`` = output itself.
-        layout: ``TBE`` for ``(T, B, E)`` or ``BHTd`` for ``(B*H, T, d)``.
-    """
-
-    module: Callable[[nn.Module, int | None], nn.Module]
-    kind: str
-    item: int | None
-    layout: str
-
-
-_UNPACKED_SITES = {
-    "q_rope": _Site(lambda m, i: m.layers[i].self_attn.rot_emb, "post", 0, "BHTd"),
-    "k_rope": _Site(lambda m, i: m.layers[i].self_attn.rot_emb, "post", 1, "BHTd"),
-    "v": _Site(lambda m, i: m.layers[i].self_attn.v_proj, "post", None, "TBE"),
-    "ctx": _Site(lambda m, i: m.layers[i].self_attn.out_proj, "pre", 0, "TBE"),
-    "attn_out": _Site(lambda m, i: m.layers[i].self_attn, "post", 0, "TBE"),
-    "resid_mid": _Site(lambda m, i: m.layers[i].final_layer_norm, "pre", 0, "TBE"),
-    "ffn_out": _Site(lambda m, i: m.layers[i].fc2, "post", None, "TBE"),
-    "resid_out": _Site(lambda m, i: m.layers[i], "post", 0, "TBE"),
-    EMBED: _Site(lambda m, i: m.layers[0], "pre", 0, "TBE"),
-    FINAL: _Site(lambda m, i: m.emb_layer_norm_after, "post", None, "TBE"),
-}
-
-
-def _get(value, item):
-    return value if item is None else value[item]
-
-
-def _put(value, item, tensor):
-    if item is None:
-        return tensor
-    value = list(value)
-    value[item] = tensor
-    return tuple(value)
-
-
-def _unpacked_to_canonical(x: torch.Tensor, layout: str, batch: int, heads: int, rows, per_head: bool):
-    """fair-esm layout -> canonical ``(N, E)`` or ``(N, H, d)``: one gather, always a fresh tensor.
-
-    ``rows`` is ``(seq, pos)``: the batch index and position of every canonical token.
-    """
-    seq, pos = rows
-    if layout == "BHTd":
-        bh, t, d = x.shape  # (B*H, T, d)
-        return x.view(batch, heads, t, d)[seq, :, pos, :]  # (N, H, d)
-    t, b, e = x.shape  # (T, B, E), contiguous
-    x = x.reshape(t * b, e).index_select(0, pos * b + seq)  # (N, E)
-    return x.view(-1, heads, e // heads) if per_head else x
-
-
-def _perturbed_padded(x: torch.Tensor, layout: str, batch: int, heads: int, p: Perturbation) -> torch.Tensor:
-    x = x.clone()
-    if layout == "BHTd":
-        view = x.view(batch, heads, x.shape[1], x.shape[2])[p.sequence, :, p.token, :]  # (H, d)
-    else:
-        view = x[p.token, p.sequence]  # (E,)
-    view.add_(perturbation_delta(view, p))
-    return x
-
-
-def perturbation_delta(row: torch.Tensor, p: Perturbation) -> torch.Tensor:
-    """``eps * |row|`` in a direction fixed by ``p.seed`` (same on every device)."""
-    g = torch.Generator().manual_seed(p.seed)
-    r = torch.randn(row.shape, generator=g, dtype=torch.float64)
-    r = r / r.norm()
-    return (p.eps * row.double().norm().cpu() * r).to(device=row.device, dtype=row.dtype)
-
-
-@contextlib.contextmanager
-def tap_unpacked(model, layout: Layout, padded_len: int, names: list[str], record: Record, perturbations=()):
-    """Hooks on fair-esm's modules that deliver ``names`` to ``record`` in canonical layout.
-
-    Args:
-        model: the ``esm.model.esm2.ESM2``.
-        layout: token bookkeeping of the batch (padded batch in canonical sequence order).
-        padded_len: T of the padded batch.
-        names: tap names to record.
-        record: ``record(name, tensor)``.
-        perturbations: :class:`Perturbation` s to apply (fault injection, tests only).
-    """
-    heads = model.attention_heads
-    batch = len(layout.lengths)
-    flat = layout.canonical_from_padded(padded_len).to(model.embed_tokens.weight.device)
-    index = (flat // padded_len, flat % padded_len)  # (batch index, position) of every canonical token
-    groups: dict[tuple[int, str], list] = defaultdict(list)  # (id(module), kind) -> [(name, site)]
-    modules = {}
-    for name in names:
-        layer, site = parse_tap(name)
-        spec = _UNPACKED_SITES[site]
-        module = spec.module(model, layer)
-        key = (id(module), spec.kind)
-        modules[key] = module
-        groups[key].append((name, spec, None))
-    for p in perturbations:
-        layer, site = parse_tap(p.tap)
-        spec = _UNPACKED_SITES[site]
-        module = spec.module(model, layer)
-        key = (id(module), spec.kind)
-        modules[key] = module
-        groups[key].insert(0, (None, spec, p))  # perturb before recording, so the tap sees it
-
-    owner = threading.get_ident()  # paths run in lockstep threads over shared modules
-
-    def make_hook(entries, kind):
-        def hook(module, *args):
-            if threading.get_ident() != owner:
-                return None
-            value = args[0] if kind == "pre" else args[1]
-            changed = False
-            for name, spec, p in entries:
-                if p is not None:
-                    value = _put(value, spec.item, _perturbed_padded(_get(value, spec.item), spec.layout, batch, heads, p))
-                    changed = True
-                else:
-                    x = _get(value, spec.item).detach()
-                    layer, site = parse_tap(name)
-                    record(name, _unpacked_to_canonical(x, spec.layout, batch, heads, index, site in HEAD_SITES))
-            return value if changed else None
-
-        return hook
-
-    handles = []
-    try:
-        for key, entries in groups.items():
-            module, kind = modules[key], key[1]
-            if kind == "pre":
-                handles.append(module.register_forward_pre_hook(make_hook(entries, "pre")))
-            else:
-                handles.append(module.register_forward_hook(make_hook(entries, "post")))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def tap_packed(packed, layout: Layout, names: list[str], record: Record, perturbations=()):
-    """Hooks on the packed path's :class:`HookPoint` s (module path == tap name).
-
-    Packed ``(N, ...)`` tensors are reindexed from pack order to canonical order (no copy when
-    the pack order is the input order: the packed path never writes a tapped tensor in place).
-    """
-    device = next(iter(packed.esm.parameters())).device
-    to_canonical = None if layout.is_identity else layout.packed_row_of_canonical.to(device)
-    packed_row_of_canonical = layout.packed_row_of_canonical
-    offsets = layout.offsets
-    handles = []
-    owner = threading.get_ident()
-
-    def recorder(name):
-        def hook(module, inputs, output):
-            if threading.get_ident() != owner:
-                return
-            x = output.detach()
-            record(name, x if to_canonical is None else x.index_select(0, to_canonical))
-
-        return hook
-
-    def perturber(p):
-        row = int(packed_row_of_canonical[int(offsets[p.sequence]) + p.token])
-
-        def hook(module, inputs, output):
-            if threading.get_ident() != owner:
-                return None
-            out = output.clone()
-            out[row].add_(perturbation_delta(out[row], p))
-            return out
-
-        return hook
-
-    try:
-        for p in perturbations:  # registered first: hooks run in registration order
-            handles.append(packed.get_submodule(p.tap).register_forward_hook(perturber(p)))
-        for name in names:
-            handles.append(packed.get_submodule(name).register_forward_hook(recorder(name)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()

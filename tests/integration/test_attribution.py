@@ -1,11 +1,10 @@
 """Which side is wrong: attribution against a high-precision reference, and the noise-aware verdict."""
 
-import numpy as np
 import pytest
 
 from tests.conftest import mixed_batch, run
-from tracer.faults import Faults, Perturbation
-from tracer.sequences import debug_batch
+from tracer.inputs.faults import Faults, Perturbation
+from tracer.inputs.sequences import debug_batch
 
 SHORT, LONG = 1, 2
 

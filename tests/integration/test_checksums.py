@@ -15,8 +15,8 @@ from tests.conftest import run
 from tracer import bundle as bundle_cli
 from tracer import compare
 from tracer import plot as plot_cli
-from tracer.sequences import debug_batch
-from tracer.store import checksum, open_trace
+from tracer.inputs.sequences import debug_batch
+from tracer.store.trace_file import checksum, open_trace
 
 
 def outcome(capsys, main, argv):

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 
-from tracer.store import open_trace
+from tracer.store.trace_file import open_trace
 
 BASE = ["--model", "esm2_t6_8M_UR50D", "--weights", "random", "--device", "cpu", "--quiet"]
 
@@ -69,7 +69,7 @@ def test_determinism_metadata_is_what_torch_reports(tmp_path, monkeypatch):
     import torch
 
     from tests.conftest import run
-    from tracer.sequences import debug_batch
+    from tracer.inputs.sequences import debug_batch
 
     r = run(tmp_path, debug_batch(10), name="a.h5", metrics_only=True)
     with open_trace(r.path) as t:
@@ -89,7 +89,7 @@ def test_bench_write_is_timed_to_durable_data(tmp_path, monkeypatch):
 
     from tests.conftest import run
     from tracer import bench
-    from tracer.sequences import debug_batch
+    from tracer.inputs.sequences import debug_batch
 
     trace = run(tmp_path, debug_batch(10), name="t.h5").path
     with h5py.File(trace) as f:

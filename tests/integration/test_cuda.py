@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.conftest import SMALL, run
-from tracer.attention import math_attention, resolve
-from tracer.sequences import debug_batch
-from tracer.store import open_trace
+from tracer.esm.attention import math_attention, resolve
+from tracer.inputs.sequences import debug_batch
+from tracer.store.trace_file import open_trace
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -73,7 +73,7 @@ def test_plugin_bug_found_on_cuda(tmp_path):
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected
     assert s.attribution.drifting == "packed"
 def test_pinned_staging_copies_the_weights_bit_for_bit():
-    from tracer.models import architecture, build_random, to_device_pinned
+    from tracer.esm.models import architecture, build_random, to_device_pinned
 
     a = build_random(architecture(SMALL), 0)
     b = build_random(architecture(SMALL), 0)
@@ -87,8 +87,8 @@ def test_pinned_staging_copies_the_weights_bit_for_bit():
 
 
 def test_lockstep_reference_on_cuda_is_the_in_place_fp32_reference(tmp_path):
-    from tracer.models import load_model, set_precision, strict_fp32_matmul
-    from tracer.paths import encode, run_unpacked
+    from tracer.esm.models import load_model, set_precision, strict_fp32_matmul
+    from tracer.capture.paths import encode, run_unpacked
 
     seqs = debug_batch(300)
     result = run(tmp_path, seqs, device="cuda", dtype="bfloat16")
@@ -104,7 +104,7 @@ def test_lockstep_reference_on_cuda_is_the_in_place_fp32_reference(tmp_path):
 
 
 def test_sub_batches_on_cuda_give_the_same_verdict(tmp_path):
-    from tracer.faults import Faults, Perturbation
+    from tracer.inputs.faults import Faults, Perturbation
 
     faults = Faults(perturbations=(Perturbation("unpacked", "layers.3.ffn_out", 3, 200, eps=0.5),))  # well above the bf16 bar
     # packed RoPE as fair-esm's: in bfloat16 the paths otherwise part at layer 0 q_rope first (the real bug)

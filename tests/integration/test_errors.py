@@ -15,13 +15,14 @@ import torch
 
 from tests.conftest import BASE, SMALL, one_line_error, run
 from tests.unit.test_models import TINY, write_checkpoint
-from tracer import compare, paths, plot
+from tracer import compare, plot
+from tracer.capture import paths
 from tracer import bundle as bundle_cli
 from tracer import run as run_cli
-from tracer.models import build_random
-from tracer.sequences import debug_batch
-from tracer.files import partials_of
-from tracer.store import partial_path
+from tracer.esm.models import build_random
+from tracer.inputs.sequences import debug_batch
+from tracer.store.files import partials_of
+from tracer.store.trace_file import partial_path
 
 
 
@@ -159,7 +160,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, exc):
 
 HELD_RUN = """
 import sys, time
-from tracer import tracing
+from tracer.runner import execute as tracing
 from tracer.run import main
 
 def held(*args, **kwargs):  # every path has run and the partial file is open: Ctrl-C must find it mid-run
@@ -292,7 +293,7 @@ def test_same_command_twice_is_bit_identical(twin_traces, capsys):
 
 
 def test_before_after_fix_reports_first_difference(tmp_path, twin_traces, capsys):
-    from tracer.faults import Faults
+    from tracer.inputs.faults import Faults
 
     a, _ = twin_traces
     fixed = run(tmp_path, debug_batch(40), name="c.h5", dtype="bfloat16", faults=Faults(double_scale=True, layers=(2,)))

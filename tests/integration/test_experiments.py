@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from tracer import experiments, sweep
-from tracer.campaign import Campaign
+from tracer.campaigns.campaign import Campaign
 from tracer.errors import TracerError
-from tracer.faults import Faults
-from tracer.models import Architecture, Weights, build_random, fingerprint
-from tracer.probes import fair_esm_rope_fp32
-from tracer.sequences import make_batch, motif_sequence
-from tracer.tracing import RunConfig
+from tracer.inputs.faults import Faults
+from tracer.esm.models import Architecture, Weights, build_random, fingerprint
+from tracer.campaigns.probes import fair_esm_rope_fp32
+from tracer.inputs.sequences import make_batch, motif_sequence
+from tracer.runner.execute import RunConfig
 
 TINY = Architecture("custom", 2, 64, 4)  # head dim 16
 

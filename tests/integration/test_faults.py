@@ -8,10 +8,10 @@ import pytest
 
 from tests.conftest import run
 from tracer.compare import stored_table
-from tracer.faults import Faults, Perturbation
-from tracer.packing import PACK_ORDERS
-from tracer.sequences import debug_batch, make_batch, motif_sequence
-from tracer.store import open_trace
+from tracer.inputs.faults import Faults, Perturbation
+from tracer.inputs.packing import PACK_ORDERS
+from tracer.inputs.sequences import debug_batch, make_batch, motif_sequence
+from tracer.store.trace_file import open_trace
 
 TINY, SMALL, MEDIUM, LARGE = range(4)
 

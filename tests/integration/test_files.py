@@ -20,13 +20,14 @@ from tracer import bench as bench_cli
 from tracer import bundle as bundle_cli
 from tracer import plot as plot_cli
 from tracer import run as run_cli
-from tracer import paths, tracing
-from tracer.capture import AsyncTapWriter
+from tracer.capture import paths
+from tracer.runner import execute as tracing
+from tracer.store.tap_writer import AsyncTapWriter
 from tracer.errors import TracerError
-from tracer.files import partials_of
-from tracer.packing import Layout
-from tracer.sequences import debug_batch
-from tracer.store import TraceWriter, open_trace
+from tracer.store.files import partials_of
+from tracer.inputs.packing import Layout
+from tracer.inputs.sequences import debug_batch
+from tracer.store.trace_file import TraceWriter, open_trace
 
 SIGNALS_TO_RESET = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -149,7 +150,7 @@ def test_two_writers_of_one_path_never_share_or_clobber(tmp_path):
 
 
 def test_partial_files_are_created_exclusively(tmp_path, monkeypatch):
-    import tracer.files as files
+    import tracer.store.files as files
 
     path = tmp_path / "t.h5"
     names = iter(["t.h5.1-a.partial", "t.h5.1-a.partial", "t.h5.1-b.partial"])
@@ -351,10 +352,10 @@ def tiny_tmpfs(tmp_path):
 
 
 def test_disk_full_on_a_real_small_filesystem(tiny_tmpfs, capsys, monkeypatch):
-    import tracer.preflight
+    import tracer.runner.preflight
 
-    real = tracer.preflight.free_resources  # the pre-flight would refuse this run up front:
-    monkeypatch.setattr(tracer.preflight, "free_resources",  # let it start, as if the disk filled up later
+    real = tracer.runner.preflight.free_resources  # the pre-flight would refuse this run up front:
+    monkeypatch.setattr(tracer.runner.preflight, "free_resources",  # let it start, as if the disk filled up later
                         lambda out, device: dataclasses.replace(real(out, device), disk=None))
     out = _older(tiny_tmpfs)
     one_line_error(capsys, run_cli.main, [*BASE, "--seq-len", "200", "--out", str(out), "--force"], "no space left on the device")

@@ -15,11 +15,11 @@ from tests.conftest import BASE
 from tests.unit.test_models import TINY, write_checkpoint
 from tracer import bench as bench_cli
 from tracer import bundle as bundle_cli
-from tracer import models
+from tracer.esm import models
 from tracer import run as run_cli
 from tracer.errors import TracerError
-from tracer.models import build_random, load_model
-from tracer.sequences import read_fasta
+from tracer.esm.models import build_random, load_model
+from tracer.inputs.sequences import read_fasta
 
 
 

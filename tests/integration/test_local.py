@@ -1,7 +1,7 @@
 """Local vs accumulated error: re-running each layer on the other side's input."""
 
 from tests.conftest import mixed_batch, run
-from tracer.faults import Faults
+from tracer.inputs.faults import Faults
 
 
 def test_single_layer_fault_is_local_to_that_layer(tmp_path):

@@ -11,8 +11,8 @@ from tests.conftest import SMALL
 from tests.unit.test_models import write_checkpoint
 from tracer import compare
 from tracer import run as run_cli
-from tracer.models import ARCHITECTURES, build_random
-from tracer.store import open_trace
+from tracer.esm.models import ARCHITECTURES, build_random
+from tracer.store.trace_file import open_trace
 
 BASE = ["--model", SMALL, "--device", "cpu", "--seq-len", "30", "--alone", "--quiet", "--json"]  # one sequence, 'large'
 

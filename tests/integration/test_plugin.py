@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from tests.conftest import SMALL, mixed_batch, run
-from tracer import models
+from tracer.esm import models
 from tracer.errors import TracerError
-from tracer.paths import PluginPath, encode
-from tracer.plugin import Plugin, load
+from tracer.capture.paths import PluginPath, encode
+from tracer.capture.plugin import Plugin, load
 from tracer.run import main as run_main
-from tracer.sequences import make_batch, motif_sequence
-from tracer.store import open_trace
+from tracer.inputs.sequences import make_batch, motif_sequence
+from tracer.store.trace_file import open_trace
 from tracer.taps import tap_names
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -243,7 +243,7 @@ def test_unpacked_plugin_wrapping_fair_esm_traces_like_the_default(tmp_path):
 
 
 def test_builtin_only_options_are_refused_for_a_plugin(tmp_path):
-    from tracer.faults import Faults
+    from tracer.inputs.faults import Faults
 
     with pytest.raises(TracerError, match="switch of the built-in packed path"):
         run(tmp_path, batch(), packed=ADAPTER, faults=Faults(double_scale=True))
@@ -254,7 +254,7 @@ def test_builtin_only_options_are_refused_for_a_plugin(tmp_path):
 def test_read_only_tools_do_not_import_the_run_orchestration():
     code = (
         "import sys; import tracer.compare, tracer.plot, tracer.bundle; "
-        "bad = [m for m in ('esm', 'tracer.tracing', 'tracer.models', 'tracer.paths') if m in sys.modules]; "
+        "bad = [m for m in ('esm', 'tracer.runner.execute', 'tracer.esm.models', 'tracer.capture.paths') if m in sys.modules]; "
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

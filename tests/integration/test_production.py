@@ -1,6 +1,6 @@
 """Production-size batches: memory bounded by one layer, sub-batching, pre-flight (issue 11).
 
-Memory is measured by the run's ledger (:class:`tracer.capture.Ledger`): the exact bytes of tap
+Memory is measured by the run's ledger (:class:`tracer.store.tap_writer.Ledger`): the exact bytes of tap
 tensors held at once (collector, sub-batch assembly, writer in flight), which is what grew with
 depth before the paths ran in lockstep, and which RSS on a shared machine would blur.
 """
@@ -9,12 +9,12 @@ import h5py
 import pytest
 
 from tests.conftest import SMALL, mixed_batch, run
-from tracer import preflight
+from tracer.runner import preflight
 from tracer.errors import TracerError
-from tracer.faults import Faults, Perturbation
-from tracer.models import Architecture, Weights, build_random, fingerprint
-from tracer.sequences import make_batch, motif_sequence
-from tracer.tracing import RunConfig, trace
+from tracer.inputs.faults import Faults, Perturbation
+from tracer.esm.models import Architecture, Weights, build_random, fingerprint
+from tracer.inputs.sequences import make_batch, motif_sequence
+from tracer.runner.execute import RunConfig, trace
 
 
 def _custom(layers: int, width: int = 64, heads: int = 4):
@@ -96,9 +96,9 @@ def test_preflight_refuses_before_loading_and_names_what_fits(tmp_path, monkeypa
     seqs = mixed_batch(300)
     measured = run(tmp_path, seqs, "measure.h5").estimate
     monkeypatch.setattr(preflight, "free_resources", _free(disk=measured.trace_bytes // 2, host=1 << 40))
-    import tracer.models
+    import tracer.esm.models
 
-    monkeypatch.setattr(tracer.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the pre-flight refusal"))
+    monkeypatch.setattr(tracer.esm.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the pre-flight refusal"))
     with pytest.raises(TracerError, match="disk is free.*this would fit: --metrics-only"):
         run(tmp_path, seqs, "refused.h5")
     assert not (tmp_path / "refused.h5").exists() and not (tmp_path / "refused.h5.partial").exists()
@@ -118,7 +118,7 @@ def test_preflight_accepts_what_fits_and_splits_when_allowed(tmp_path, monkeypat
 
 
 def whole_arch():
-    from tracer.models import architecture
+    from tracer.esm.models import architecture
 
     return architecture(SMALL)
 
@@ -154,7 +154,7 @@ def test_preflight_estimate_is_printed_on_every_run(tmp_path, capsys):
 def test_out_of_memory_does_not_suggest_what_was_already_given(tmp_path, monkeypatch):
     import torch
 
-    import tracer.paths as paths
+    import tracer.capture.paths as paths
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

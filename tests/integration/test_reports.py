@@ -11,7 +11,7 @@ import h5py
 import pytest
 
 from tests.conftest import run
-from tracer.sequences import debug_batch
+from tracer.inputs.sequences import debug_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 

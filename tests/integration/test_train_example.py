@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tracer.models import load_model
+from tracer.esm.models import load_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_small_esm.py"
 TINY = ["--layers", "2", "--dim", "64", "--heads", "4", "--steps", "2", "--batch", "4",

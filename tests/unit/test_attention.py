@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tracer import attention
-from tracer.attention import math_attention, resolve
+from tracer.esm import attention
+from tracer.esm.attention import math_attention, resolve
 from tracer.errors import TracerError
 
 

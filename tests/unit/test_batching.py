@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from tracer.batching import plan_sub_batches, sub_faults
-from tracer.faults import Faults, Perturbation
-from tracer.packing import Layout
+from tracer.inputs.batching import plan_sub_batches, sub_faults
+from tracer.inputs.faults import Faults, Perturbation
+from tracer.inputs.packing import Layout
 
 
 def test_zero_or_a_budget_the_batch_fits_keeps_the_batch_as_given():

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tests.conftest import run
-from tracer.embeddings import cosines, mean_pool, pooled_cosines
-from tracer.packing import Layout
-from tracer.store import open_trace
+from tracer.judging.embeddings import cosines, mean_pool, pooled_cosines
+from tracer.inputs.packing import Layout
+from tracer.store.trace_file import open_trace
 
 
 def test_mean_pool_leaves_out_cls_and_eos():

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from tracer.lockstep import Stream, run_lockstep, tap_group
+from tracer.capture.lockstep import Stream, run_lockstep, tap_group
 from tracer.taps import tap_names
 
 

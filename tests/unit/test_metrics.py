@@ -4,7 +4,7 @@ from decimal import Decimal, getcontext
 import pytest
 import torch
 
-from tracer.metrics import cos_dist, max_abs, rel_l2, token_metrics
+from tracer.judging.metrics import cos_dist, max_abs, rel_l2, token_metrics
 
 
 def test_values_on_known_vectors():

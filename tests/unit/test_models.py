@@ -7,9 +7,9 @@ import esm
 import pytest
 import torch
 
-from tracer import models
+from tracer.esm import models
 from tracer.errors import TracerError
-from tracer.models import Architecture, build_random, load_model, set_precision
+from tracer.esm.models import Architecture, build_random, load_model, set_precision
 
 TINY = Architecture("custom", 2, 64, 4)
 
@@ -206,7 +206,7 @@ def test_traced_unpacked_path_is_fair_esm_as_loaded(tmp_path, dtype):
     """The traced unpacked final_norm is bitwise fair-esm's own loader + forward on a released-format
     checkpoint with an fp16-rounded inv_freq (rewriting the buffer from its definition moved it)."""
     from tests.conftest import mixed_batch, run
-    from tracer.store import open_trace
+    from tracer.store.trace_file import open_trace
 
     path, data = fp16_rounded_release(tmp_path)
     seqs = mixed_batch(long=300)
@@ -224,9 +224,9 @@ def test_traced_unpacked_path_is_fair_esm_as_loaded(tmp_path, dtype):
             assert torch.equal(t.tap("packed", "layers.0.q_rope"), t.tap("unpacked", "layers.0.q_rope"))
 def test_upcast_twin_computes_what_the_model_converted_in_place_computes():
     """The reference's twin (one up-cast layer at a time) == the whole model up-cast in place, bit for bit."""
-    from tracer.models import upcast_twin
-    from tracer.paths import encode, run_unpacked
-    from tracer.sequences import debug_batch
+    from tracer.esm.models import upcast_twin
+    from tracer.capture.paths import encode, run_unpacked
+    from tracer.inputs.sequences import debug_batch
     from tracer.taps import tap_names
 
     model, arch, _ = load_model("esm2_t6_8M_UR50D", "random", seed=0)

@@ -3,11 +3,11 @@
 import torch
 
 from tests.conftest import mixed_batch
-from tracer.attention import resolve
-from tracer.faults import Faults
-from tracer.models import loaded_inv_freq, set_precision
-from tracer.packed import PackedESM2, Rope
-from tracer.paths import encode, run_packed, run_unpacked
+from tracer.esm.attention import resolve
+from tracer.inputs.faults import Faults
+from tracer.esm.models import loaded_inv_freq, set_precision
+from tracer.esm.packed_forward import PackedESM2, Rope
+from tracer.capture.paths import encode, run_packed, run_unpacked
 from tracer.taps import tap_names
 
 CPU = torch.device("cpu")
@@ -99,7 +99,7 @@ def test_packed_tokens_come_from_fair_esm_converter(small_model):
 def test_token_dropout_rescale_with_masks(small_model):
     model, _ = small_model
     seqs = mixed_batch()
-    from tracer.sequences import make_batch
+    from tracer.inputs.sequences import make_batch
 
     masked = make_batch([(s.id, s.residues[:3] + "<mask>" + s.residues[3:]) for s in seqs])
     _, u, p, _, _ = _both(model, torch.float32, batch=masked)

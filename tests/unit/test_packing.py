@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracer.packing import PACK_ORDERS, Layout, pack, pack_order, unpack
+from tracer.inputs.packing import PACK_ORDERS, Layout, pack, pack_order, unpack
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=1024), min_size=1, max_size=12)
 

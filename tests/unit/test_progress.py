@@ -3,7 +3,7 @@
 import io
 import time
 
-from tracer.progress import Progress
+from tracer.runner.progress import Progress
 
 
 class _Terminal(io.StringIO):

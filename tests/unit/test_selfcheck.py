@@ -2,7 +2,7 @@
 
 import pytest
 
-from tracer.packing import PACK_ORDERS, pack_order
+from tracer.inputs.packing import PACK_ORDERS, pack_order
 from tracer.selfcheck import cases, format_rows
 
 LENGTHS = [5, 10, 162, 402]  # tokens of tiny, small, medium, large (debug batch, 400 residues)

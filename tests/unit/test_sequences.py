@@ -1,7 +1,7 @@
 import pytest
 
 from tracer.errors import TracerError
-from tracer.sequences import debug_batch, make_batch, motif_sequence, read_fasta
+from tracer.inputs.sequences import debug_batch, make_batch, motif_sequence, read_fasta
 
 
 def test_debug_batch_is_the_user_log_batch():

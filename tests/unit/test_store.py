@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tracer.errors import TracerError
-from tracer.packing import Layout
-from tracer.files import partials_of
-from tracer.store import SCHEMA_VERSION, TraceWriter, open_trace
+from tracer.inputs.packing import Layout
+from tracer.store.files import partials_of
+from tracer.store.trace_file import SCHEMA_VERSION, TraceWriter, open_trace
 
 
 def _write(path, tensors, **kwargs):

@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from tracer.packing import Layout
+from tracer.inputs.packing import Layout
 from tracer.taps import tap_names
-from tracer.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, judge
+from tracer.judging.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, judge
 
 LAYOUT = Layout.from_lengths([4, 6])  # sequences a (tokens 0..3) and b (0..5), N = 10
 IDS = ["a", "b"]

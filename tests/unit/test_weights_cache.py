@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import tracer.models as models
-from tracer.models import architecture, build_random, load_model, random_cache_path
+import tracer.esm.models as models
+from tracer.esm.models import architecture, build_random, load_model, random_cache_path
 
 SMALL = "esm2_t6_8M_UR50D"
 

@@ -6,14 +6,14 @@ Three tools for ``tracer.experiments``:
   RoPE in float32 (the fix a user would try on the padded path). It shadows each
   ``rot_emb.forward`` with an instance attribute and removes it in ``finally``; no buffer,
   weight or cache of the model is touched, and hooks on the modules still fire.
-* :func:`rope_probe` -- the packed path's rotation (:class:`tracer.packed.Rope`, as the packed
+* :func:`rope_probe` -- the packed path's rotation (:class:`tracer.esm.packed_forward.Rope`, as the packed
   path builds it) vs fair-esm's own ``RotaryEmbedding`` on the very Q/K fair-esm's forward
   produced in one layer, each against a float64 rotation of the same Q/K.
 * :func:`attention_probe` -- the packed attention kernel vs fair-esm's own attention on the very
   Q/K/V fair-esm's forward produced (its recorded context is the unpacked side), each against
   float64 attention on the same Q/K/V.
 
-The probes judge their per-token metrics with the run's own rule (:func:`tracer.verdict.judge`),
+The probes judge their per-token metrics with the run's own rule (:func:`tracer.judging.verdict.judge`),
 so a probe's "first divergence" and "drifting" mean exactly what a trace's do.
 
 Example::
@@ -32,14 +32,15 @@ import numpy as np
 import torch
 from esm.rotary_embedding import rotate_half
 
-from tracer.attention import Backend
-from tracer.faults import Faults
-from tracer.metrics import METRICS, metrics_table, round_to, token_metrics
-from tracer.models import loaded_inv_freq
-from tracer.packed import PackedESM2
-from tracer.paths import Batch
-from tracer.taps import _unpacked_to_canonical, tap_name, tap_unpacked
-from tracer.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, Summary, judge
+from tracer.esm.attention import Backend
+from tracer.inputs.faults import Faults
+from tracer.judging.metrics import METRICS, metrics_table, round_to, token_metrics
+from tracer.esm.models import loaded_inv_freq
+from tracer.esm.packed_forward import PackedESM2
+from tracer.capture.paths import Batch
+from tracer.capture.hooks import _unpacked_to_canonical, tap_unpacked
+from tracer.taps import tap_name
+from tracer.judging.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, Summary, judge
 
 ROPE_FP32_CHANGE = (
     "fair-esm's rot_emb.forward shadowed for this run only: positions, inverse frequencies (the "

@@ -1,13 +1,13 @@
 """What a run and the read-only tools share about presenting a verdict: the compared pairs,
 the default rule, and the run facts a summary prints.
 
-Kept apart from the run orchestration (:mod:`tracer.tracing`) so that ``compare``, ``plot``
+Kept apart from the run orchestration (:mod:`tracer.runner.execute`) so that ``compare``, ``plot``
 and ``bundle`` read traces without importing fair-esm or model loading.
 """
 
 from __future__ import annotations
 
-from tracer.verdict import PAIR, PLAIN_MAX_REL_L2, VS_REF, Rule
+from tracer.judging.verdict import PAIR, PLAIN_MAX_REL_L2, VS_REF, Rule
 
 PAIRS = {
     PAIR: ("packed", "unpacked"),
@@ -15,7 +15,7 @@ PAIRS = {
     VS_REF["packed"]: ("packed", "reference"),
 }
 """The compared pairs, ``(a, b)``: metrics of ``a`` against the baseline ``b``. Besides these,
-:data:`tracer.verdict.ROUNDED` compares the reference rounded to the run dtype with itself
+:data:`tracer.judging.verdict.ROUNDED` compares the reference rounded to the run dtype with itself
 (the floor)."""
 
 

@@ -542,7 +542,7 @@ def to_device_pinned(model: ESM2, device: torch.device, chunk: int = 64 << 20, p
     not changed (same dtype, bytes copied). Returns the bytes copied.
 
     Args:
-        progress: optional :class:`tracer.progress.Progress` (a bytes ticker).
+        progress: optional :class:`tracer.runner.progress.Progress` (a bytes ticker).
     """
     host = [(m, name, t, kind) for m in model.modules() for kind, table in (("p", m._parameters), ("b", m._buffers))
             for name, t in table.items() if t is not None and t.device.type == "cpu"]

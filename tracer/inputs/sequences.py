@@ -5,7 +5,7 @@ Token positions used everywhere in tracer are 0-based positions in the model's t
 
 Example::
 
-    >>> from tracer.sequences import debug_batch
+    >>> from tracer.inputs.sequences import debug_batch
     >>> [(s.id, s.length) for s in debug_batch(400)]
     [('tiny', 3), ('small', 8), ('medium', 160), ('large', 400)]
 """

@@ -1,7 +1,7 @@
 """The packed path: ESM-2's own modules and weights run over one concatenated token stream.
 
 Sequences are concatenated (no padding) and attention is confined to each sequence by
-``cu_seqlens`` (see :mod:`tracer.attention`). Everything else matches fair-esm's ``ESM2.forward``
+``cu_seqlens`` (see :mod:`tracer.esm.attention`). Everything else matches fair-esm's ``ESM2.forward``
 op for op, in the model's dtype: embedding scale, token-dropout rescale (in the model dtype,
 per sequence), the pre-LN layer (``self_attn_layer_norm``, q/k/v projections, q pre-scaled by
 ``head_dim ** -0.5`` like fair-esm, RoPE with positions restarting at 0 for every sequence,
@@ -10,7 +10,7 @@ add), and the final layer norm.
 
 RoPE (``rope=``):
 
-* ``fp32`` (default): the model's inverse frequencies *as loaded* (:func:`tracer.models.loaded_inv_freq`,
+* ``fp32`` (default): the model's inverse frequencies *as loaded* (:func:`tracer.esm.models.loaded_inv_freq`,
   up-cast exactly to float32, whatever the run dtype), positions in float32, cos/sin and the
   rotation in float32, result cast to the model dtype.
 * ``model``: exactly what fair-esm's ``RotaryEmbedding`` does, in the model dtype: positions
@@ -33,11 +33,12 @@ from esm.modules import gelu
 from esm.rotary_embedding import rotate_half
 from torch import nn
 
-from tracer.attention import Backend
-from tracer.faults import Faults
-from tracer.models import loaded_inv_freq
-from tracer.packing import Layout
-from tracer.taps import SITES, HookPoint
+from tracer.esm.attention import Backend
+from tracer.inputs.faults import Faults
+from tracer.esm.models import loaded_inv_freq
+from tracer.inputs.packing import Layout
+from tracer.taps import SITES
+from tracer.capture.hooks import HookPoint
 
 ROPE_MODES = ("fp32", "model")
 
@@ -120,9 +121,9 @@ class PackedESM2(nn.Module):
 
     Args:
         model: fair-esm ``ESM2`` (its precision and device are used as they are).
-        backend: attention backend (:func:`tracer.attention.resolve`).
+        backend: attention backend (:func:`tracer.esm.attention.resolve`).
         rope: ``fp32`` or ``model``.
-        faults: planted bugs (:class:`tracer.faults.Faults`), off by default.
+        faults: planted bugs (:class:`tracer.inputs.faults.Faults`), off by default.
     """
 
     def __init__(self, model, backend: Backend, rope: str = "fp32", faults: Faults | None = None):

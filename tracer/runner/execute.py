@@ -2,21 +2,21 @@
 
 Order of work, and the dtype of every step:
 
-0. Pre-flight (:mod:`tracer.preflight`), before anything is loaded: trace bytes and peak memory
+0. Pre-flight (:mod:`tracer.runner.preflight`), before anything is loaded: trace bytes and peak memory
    are estimated from the architecture and token counts, printed, and checked against free disk
    and memory; a run that cannot fit stops with one line naming what would.
 1. Load the model in its stored precision (float32 for fair-esm releases; random init is
    float32, cached after the first build) on the CPU, then move it to the run device through
    pinned staging buffers and convert it in place to the run dtype.
-2. The paths run in lockstep, layer by layer (:mod:`tracer.lockstep`), each forward in its own
+2. The paths run in lockstep, layer by layer (:mod:`tracer.capture.lockstep`), each forward in its own
    thread, one thread at a time:
 
    * ``unpacked``: fair-esm's ``ESM2.forward`` on the padded batch (or on length-sorted
-     sub-batches, :mod:`tracer.batching`), in the run dtype, or the user's plug-in;
+     sub-batches, :mod:`tracer.inputs.batching`), in the run dtype, or the user's plug-in;
    * ``packed``: the built-in packed forward (RoPE per ``rope``) or the user's plug-in, in the
      run dtype;
    * ``reference`` (if any): fair-esm's ``ESM2.forward`` again, on an up-cast twin of the model
-     (:func:`tracer.models.upcast_twin`: exact float32/float64 up-casts of the run-dtype weights,
+     (:func:`tracer.esm.models.upcast_twin`: exact float32/float64 up-casts of the run-dtype weights,
      one layer at a time; rotary state rebuilt), TF32 off.
 
    After each layer, its pairs' per-token sums are computed on the run device (on exact float32
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,28 +45,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tracer import attention, files, models, preflight
-from tracer.batching import SubBatches, sub_faults
-from tracer.capture import Assembler, AsyncTapWriter, Collector, Ledger
-from tracer.embeddings import POOLING, mean_pool
+from tracer.esm import attention
+
+from tracer.store import files
+
+from tracer.esm import models
+
+from tracer.runner import preflight
+from tracer.inputs.batching import SubBatches, sub_faults
+from tracer.capture.collector import Assembler, Collector
+from tracer.store.tap_writer import AsyncTapWriter, Ledger
+from tracer.judging.embeddings import POOLING, mean_pool
 from tracer.env import dtype_name, environment, resolve_device, resolve_dtype, return_freed_memory, tool_version
 from tracer.errors import TracerError
-from tracer.faults import Faults
-from tracer.lockstep import Stream, run_lockstep, tap_group
-from tracer.metrics import METRICS, metrics_table, token_metrics
-from tracer.packed import ROPE_MODES, PackedESM2
-from tracer.observe import missing_advice
-from tracer.paths import (
+from tracer.inputs.faults import Faults
+from tracer.capture.lockstep import Stream, run_lockstep, tap_group
+from tracer.judging.metrics import METRICS, metrics_table, token_metrics
+from tracer.esm.packed_forward import ROPE_MODES, PackedESM2
+from tracer.capture.observe import missing_advice
+from tracer.capture.paths import (
     Batch, BuiltinPackedPath, FairEsmPath, PluginPath, TracedPath, encode, run_packed_layer, run_unpacked_layer,
 )
-from tracer.plugin import BUILTIN
-from tracer.progress import Progress
-from tracer.plugin import load as load_plugin
-from tracer.report import batch_description, default_rule, summary_context
-from tracer.sequences import Sequence
-from tracer.store import TraceWriter
+from tracer.capture.plugin import BUILTIN
+from tracer.runner.progress import Progress
+from tracer.capture.plugin import load as load_plugin
+from tracer.judging.pairs import batch_description, default_rule, summary_context
+from tracer.inputs.sequences import Sequence
+from tracer.store.trace_file import TraceWriter
 from tracer.taps import EMBED, FINAL, SITES, parse_tap, select_taps, tap_name
-from tracer.verdict import MetricsTable, Rule, Summary, judge
+from tracer.judging.verdict import MetricsTable, Rule, Summary, judge
 
 REFERENCES = ("auto", "fp32", "fp64", "none")
 _REF_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -98,10 +104,10 @@ class RunConfig:
         rule: verdict rule; ``None`` = noise rule with a reference, plain rule without.
         command: the command line, recorded in the trace.
         packed: the packed side: ``builtin``, ``package.module:factory``, ``file.py:factory`` or
-            a factory callable (:mod:`tracer.plugin`).
+            a factory callable (:mod:`tracer.capture.plugin`).
         unpacked: the unpacked side: ``fair-esm`` (its own ``ESM2.forward``) or a plug-in SPEC.
         max_batch_tokens: padded-token budget of fair-esm's unpacked and reference sub-batches
-            (:mod:`tracer.batching`); ``0`` = the batch as given; ``None`` = one batch if the
+            (:mod:`tracer.inputs.batching`); ``0`` = the batch as given; ``None`` = one batch if the
             pre-flight estimate fits in free memory, else the largest budget that does.
     """
 
@@ -308,7 +314,7 @@ def _prepare(config: RunConfig, sequences: list[Sequence], say, loaded, timings:
 
 
 def _preflight(config: RunConfig, arch, names, sequences, dtype, ref_dtype, device, out: Path, can_split: bool):
-    """Estimate the run before loading and check it against what is free (:mod:`tracer.preflight`)."""
+    """Estimate the run before loading and check it against what is free (:mod:`tracer.runner.preflight`)."""
     n_tokens = [s.n_tokens for s in sequences]
     all_layers = sorted({parse_tap(n)[0] for n in names if parse_tap(n)[0] is not None})
     taps = list(config.taps) if config.taps else [EMBED, *SITES, FINAL]
@@ -386,7 +392,7 @@ def _settle_taps(paths, names: list[str], say) -> tuple[list[str], dict[str, lis
 def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loaded=None) -> Result:
     """Run, compare and write one trace (see module docstring).
 
-    ``loaded`` may be ``(model, arch, weights)`` from :func:`tracer.models.load_model`, to reuse a
+    ``loaded`` may be ``(model, arch, weights)`` from :func:`tracer.esm.models.load_model`, to reuse a
     model across runs (its precision and device are set by the run).
     """
     say = Progress(quiet)
@@ -509,12 +515,12 @@ def _describe_split(plan: SubBatches, batch: Batch) -> str:
 
 def _run_paths(model, sequences, batch: Batch, names, collector: Collector, recorder, ref_dtype, faults: Faults, plan: SubBatches,
                unpacked: TracedPath, packed: TracedPath, say) -> tuple[dict, list]:
-    """Every path over the batch, in lockstep layer by layer (:mod:`tracer.lockstep`).
+    """Every path over the batch, in lockstep layer by layer (:mod:`tracer.capture.lockstep`).
 
     ``unpacked`` and ``packed`` run as built (fair-esm's forward, the built-in packed forward or
     a plug-in); fair-esm's forward runs once per sub-batch of ``plan``. ``reference``: fair-esm's
     ``ESM2.forward`` on each sub-batch, on an up-cast twin of the model
-    (:func:`tracer.models.upcast_twin`, one layer of ``ref_dtype`` weights at a time), with
+    (:func:`tracer.esm.models.upcast_twin`, one layer of ``ref_dtype`` weights at a time), with
     full-float32 matmuls. After each layer, the layer's pairs are computed and its taps let go.
     ``recorder(path)`` is the record callback of a whole path. Returns turn seconds per path and
     the paths' outputs (notes).
@@ -567,7 +573,7 @@ def _run_paths(model, sequences, batch: Batch, names, collector: Collector, reco
 
 
 def _pooling(record, path: str, pooled: dict, layout, names: list[str]):
-    """``record``, also keeping ``path``'s mean-pooled final embeddings in ``pooled`` (:mod:`tracer.embeddings`)."""
+    """``record``, also keeping ``path``'s mean-pooled final embeddings in ``pooled`` (:mod:`tracer.judging.embeddings`)."""
     if FINAL not in names:
         return record
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tracer.faults import Faults
-from tracer.packing import Layout
+from tracer.inputs.faults import Faults
+from tracer.inputs.packing import Layout
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ Layout (schema version 1)::
     /metrics/<pair>/<metric>   (T, N) float32 per-token metrics (pair like "packed-vs-unpacked")
     /local/...                 same shape, per-layer re-runs (tracer.run --local)
     /embeddings/<path>         (S, E) float64 final_norm averaged over each sequence's residues
-                               (tracer.embeddings), when final_norm was traced
+                               (tracer.judging.embeddings), when final_norm was traced
 
 Tensors are stored losslessly in the dtype they were computed in. HDF5 has no bfloat16, so a
 bfloat16 tap is stored as its raw 16-bit patterns in a ``uint16`` dataset with attributes
@@ -28,7 +28,7 @@ bfloat16 tap is stored as its raw 16-bit patterns in a ``uint16`` dataset with a
 
 A trace is written to a partial file unique to the run (``<path>.<pid>-<random>.partial``,
 created exclusively) and moved into place only once complete, flushed and fsynced, without
-replacing a file that appeared meanwhile (unless ``force``; :mod:`tracer.files`), so a file at
+replacing a file that appeared meanwhile (unless ``force``; :mod:`tracer.store.files`), so a file at
 the final path is always whole; readers refuse files without ``complete=True``.
 
 Checksums (schema 2): every dataset carries a ``crc32`` attribute (zlib CRC-32 of its bytes as
@@ -60,9 +60,9 @@ import h5py
 import numpy as np
 import torch
 
-from tracer import files
+from tracer.store import files
 from tracer.errors import TracerError
-from tracer.packing import Layout
+from tracer.inputs.packing import Layout
 
 FORMAT = "tracer-trace"
 SCHEMA_VERSION = 2
@@ -74,7 +74,7 @@ _STR = h5py.string_dtype()
 
 def partial_path(path: Path) -> Path:
     """The fixed partial name tracer 0.1 used (``<path>.partial``); runs now use unique names
-    (:func:`tracer.files.partials_of` lists them)."""
+    (:func:`tracer.store.files.partials_of` lists them)."""
     return path.with_name(path.name + ".partial")
 
 
@@ -288,7 +288,7 @@ class Trace:
         path: the file.
         meta: run metadata (dict).
         sequences: list of :class:`SequenceInfo`, canonical order.
-        layout: :class:`tracer.packing.Layout` of the batch.
+        layout: :class:`tracer.inputs.packing.Layout` of the batch.
     """
 
     def __init__(self, path: Path, file: h5py.File):
@@ -450,7 +450,7 @@ class Trace:
         return self.sequence(key).rows
 
     def embeddings(self, path: str) -> np.ndarray | None:
-        """Pooled final embeddings ``(S, E)`` float64 of ``path`` (:mod:`tracer.embeddings`), or ``None``."""
+        """Pooled final embeddings ``(S, E)`` float64 of ``path`` (:mod:`tracer.judging.embeddings`), or ``None``."""
         key = f"embeddings/{path}"
         return self.file[key][()] if key in self.file else None
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tracer.packing import Layout
+from tracer.inputs.packing import Layout
 
 EMBEDDING_PAIRS = {
     "packed-vs-unpacked": ("packed", "unpacked"),

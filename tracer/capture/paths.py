@@ -2,11 +2,11 @@
 
 * ``unpacked`` -- fair-esm's own ``ESM2.forward`` on its padded ``(B, T)`` batch, untouched
   (hooks only record). Run in the model's current precision.
-* ``packed`` -- :class:`tracer.packed.PackedESM2` over the concatenated stream.
+* ``packed`` -- :class:`tracer.esm.packed_forward.PackedESM2` over the concatenated stream.
 * ``reference`` -- the unpacked computation again, in float32 or float64 on the same weights
-  (the caller switches precision with :func:`tracer.models.set_precision`).
-* a user's plug-in (``--packed SPEC`` / ``--unpacked SPEC``, :mod:`tracer.plugin`) in place of
-  either side, its taps captured by :class:`tracer.observe.Observer`.
+  (the caller switches precision with :func:`tracer.esm.models.set_precision`).
+* a user's plug-in (``--packed SPEC`` / ``--unpacked SPEC``, :mod:`tracer.capture.plugin`) in place of
+  either side, its taps captured by :class:`tracer.capture.observe.Observer`.
 
 Every path is a :class:`TracedPath`: it says which taps it can deliver and runs the batch,
 handing each tap to ``record(name, canonical_tensor)``.
@@ -26,14 +26,15 @@ from typing import Callable
 import torch
 
 from tracer.errors import TracerError
-from tracer.faults import Faults
-from tracer.observe import Geometry, Observer
-from tracer.packed import PackedESM2
-from tracer.packing import Layout, pack_order
-from tracer.plugin import Plugin
-from tracer.plugin import load as load_plugin
-from tracer.sequences import Sequence, make_batch
-from tracer.taps import FINAL, Record, tap_packed, tap_unpacked
+from tracer.inputs.faults import Faults
+from tracer.capture.observe import Geometry, Observer
+from tracer.esm.packed_forward import PackedESM2
+from tracer.inputs.packing import Layout, pack_order
+from tracer.capture.plugin import Plugin
+from tracer.capture.plugin import load as load_plugin
+from tracer.inputs.sequences import Sequence, make_batch
+from tracer.taps import FINAL
+from tracer.capture.hooks import Record, tap_packed, tap_unpacked
 
 @dataclass(frozen=True)
 class Batch:
@@ -41,7 +42,7 @@ class Batch:
 
     Attributes:
         sequences: the input sequences, canonical order.
-        layout: token bookkeeping (:class:`tracer.packing.Layout`).
+        layout: token bookkeeping (:class:`tracer.inputs.packing.Layout`).
         padded: ``(B, T)`` int64 token ids from fair-esm's own batch converter.
         packed: ``(N,)`` int64 token ids in pack order.
     """
@@ -155,7 +156,7 @@ class FairEsmPath(TracedPath):
 
 
 class BuiltinPackedPath(TracedPath):
-    """tracer's own packed forward (:class:`tracer.packed.PackedESM2`)."""
+    """tracer's own packed forward (:class:`tracer.esm.packed_forward.PackedESM2`)."""
 
     name = "packed"
 
@@ -176,7 +177,7 @@ PROBE = (("probe-a", "MKTAYIAKQRQISFVK"), ("probe-b", "MKTAYIA"))
 
 
 class PluginPath(TracedPath):
-    """A user's forward (:mod:`tracer.plugin`), captured by :class:`tracer.observe.Observer`.
+    """A user's forward (:mod:`tracer.capture.plugin`), captured by :class:`tracer.capture.observe.Observer`.
 
     Before the traced run the forward runs once on :data:`PROBE` (two short sequences): that
     shows which taps it exposes and from which source, and surfaces layout errors and

@@ -7,7 +7,7 @@ low-precision paths and in the reference dtype for the reference.
 
 * **trace bytes**: the tensors (unless ``--metrics-only``) plus the metric tables
   (``(T, N)`` float32 per metric and pair).
-* **held taps**: the paths run in lockstep (:mod:`tracer.lockstep`), so the taps held at once
+* **held taps**: the paths run in lockstep (:mod:`tracer.capture.lockstep`), so the taps held at once
   are about one layer of every path (the low-precision paths' taps wait for the reference's,
   which are let go as their pairs are computed), plus, for full traces, up to one more layer in
   flight to the disk (``--local`` keeps every layer of unpacked and reference).
@@ -34,16 +34,15 @@ Example::
 
 from __future__ import annotations
 
-import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tracer.batching import SubBatches, plan_sub_batches
+from tracer.inputs.batching import SubBatches, plan_sub_batches
 from tracer.errors import TracerError
-from tracer.metrics import METRICS
+from tracer.judging.metrics import METRICS
 
 GiB = 2**30
 HEADROOM = 0.9
@@ -141,7 +140,7 @@ def estimate(
     device: str = "cpu",
 ) -> Estimate:
     """The :class:`Estimate` of one run (see the module docstring)."""
-    from tracer.lockstep import tap_group
+    from tracer.capture.lockstep import tap_group
 
     n, e, h = sum(n_tokens), arch.embed_dim, arch.heads
     b, rb = _bytes(dtype), (_bytes(ref_dtype) if ref_dtype is not None else 0)

@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracer.embeddings import pooled_cosines
+from tracer.judging.embeddings import pooled_cosines
 from tracer.errors import TracerError
-from tracer.store import open_trace
+from tracer.store.trace_file import open_trace
 from tracer.taps import SITES
 
 MANIFEST = "manifest.json"

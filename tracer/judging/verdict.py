@@ -27,7 +27,7 @@ Walk order: taps in data-flow order (``embed``, layer 0 ``q_rope`` ... ``resid_o
 the first diverging (tap, token) in that order.
 
 Non-finite values: a token whose values hold a NaN or Inf (in either side of a pair) has NaN
-metrics (:mod:`tracer.metrics`), and NaN never passes: it is a divergence (packed vs
+metrics (:mod:`tracer.judging.metrics`), and NaN never passes: it is a divergence (packed vs
 unpacked) or a drift (path vs reference) at its own tap and token, like any other. A tap that
 one side did not record is *missing*, which is not the same thing: :attr:`MetricsTable.present`
 marks the rows that were compared, and missing rows are never judged.

@@ -1,0 +1,1 @@
+"""Many runs into one folder: the experiments matrix and length sweep machinery, module probes."""

@@ -1,0 +1,1 @@
+"""One run: configuration, pre-flight, execution of the paths, progress and signals."""
