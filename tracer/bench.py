@@ -14,7 +14,7 @@ d. the comparator (``tracer.compare`` on the full trace, recomputing every metri
    tensors) in a fresh process: throughput in GB of trace per second and peak RSS, against one
    layer's data.
 
-With ``--production N`` (issue 11), also, each in a fresh process:
+With ``--production N``, also, each in a fresh process:
 
 e. a production batch (N sequences of 100-700 residues, seeded) traced with ``--metrics-only``:
    the most tap bytes held at once over one layer of all paths, peak memory (CUDA: peak
@@ -26,7 +26,7 @@ f. time to verdict of ``python -m tracer.run --weights random --metrics-only`` o
 g. loading the cached checkpoint onto the device against reading the file at disk speed plus a
    pinned host-to-device copy of the same bytes (page cache warm for both).
 
-It prints the ratios the README's targets are stated in. Not a test: timings on shared machines
+It prints ratios (docs/performance.md has measured ones). Not a test: timings on shared machines
 vary, so nothing here asserts.
 """
 
@@ -332,7 +332,7 @@ def format_table(r: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# issue 11: production batch, pre-flight accuracy, load time, time to verdict
+# production batch, pre-flight accuracy, load time, time to verdict
 
 
 def production_batch(n: int, seed: int = 0, lo: int = 100, hi: int = 700):
@@ -480,7 +480,7 @@ def run_production(model_name, n, device_name, dtype_name_, attn, folder: Path, 
 
 def format_production(p: dict) -> str:
     prod, ttv, load = p["production"], p["time_to_verdict"], p["load"]
-    lines = ["production batch (issue 11)", f"{'measure':<44}{'value':>14}   ratio [target]"]
+    lines = ["production batch", f"{'measure':<44}{'value':>14}   ratio [target]"]
     if "error" in prod:
         lines.append(f"{'production batch':<44}   failed: {prod['error']}")
     else:
@@ -522,7 +522,7 @@ def build_parser() -> Parser:
     p.add_argument("--dir", default=None, help="where to make this run's temporary folder of traces and scratch files, removed at the end (default traces/)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
     p.add_argument("--production", type=int, default=0, metavar="N",
-                   help="also measure a production batch of N sequences of 100-700 residues, time to verdict and load time (issue 11)")
+                   help="also measure a production batch of N sequences of 100-700 residues, time to verdict and load time")
     p.add_argument("--skip-debug", action="store_true", help="skip the debug-batch measurements (a-d)")
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write the measurements as JSON to FILE")
     return p
@@ -548,7 +548,7 @@ def main(argv=None) -> int:
         if not args.skip_debug:
             result = run_bench(args.model, args.seq_len, args.device, args.dtype, args.repeats, folder, args.attn, say=say)
         if args.production:
-            result["issue11"] = run_production(args.model, args.production, args.device, args.dtype, args.attn, folder, say=say)
+            result["production"] = run_production(args.model, args.production, args.device, args.dtype, args.attn, folder, say=say)
     finally:
         ctx.cleanup()
     result["peak_rss_bench_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -557,7 +557,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        tables = ([] if args.skip_debug else [format_table(result)]) + ([format_production(result["issue11"])] if args.production else [])
+        tables = ([] if args.skip_debug else [format_table(result)]) + ([format_production(result["production"])] if args.production else [])
         print("\n".join(tables))
     return 0
 

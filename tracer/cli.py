@@ -92,7 +92,7 @@ def _min_cos(text: str) -> float:
 
 
 def add_rule_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("verdict rule (README: 'How the verdict is decided')")
+    g = p.add_argument_group("verdict rule (docs/verdict.md)")
     g.add_argument(
         "--rule", choices=("noise", "plain"), default=None,
         help="noise: relative L2 error above K x the tap's noise level, estimated against the reference "

@@ -111,7 +111,7 @@ def build_parser() -> Parser:
         help="packed side: builtin, package.module:factory or path/to/file.py:factory, where "
         "factory(model, alphabet) returns forward(tokens (N,), cu_seqlens (B+1,) int32, max_seqlen) -> (N, E) "
         "(the representation after emb_layer_norm_after); taps are captured from the fair-esm modules and "
-        "the attention kernel it calls (README: 'Tracing your own packed forward')",
+        "the attention kernel it calls (docs/plugins.md)",
     )
     w.add_argument(
         "--unpacked", default="fair-esm", metavar="SPEC",
@@ -136,7 +136,7 @@ def build_parser() -> Parser:
         "(sequences x longest); 0 = the batch as given (default: the batch as given if the pre-flight estimate fits in "
         "free memory, else the largest K that does)",
     )
-    t.add_argument("--compression", choices=COMPRESSIONS, default="none", help="HDF5 compression of tensors (default none: README has the measurements)")
+    t.add_argument("--compression", choices=COMPRESSIONS, default="none", help="HDF5 compression of tensors (default none: docs/performance.md has the measurements)")
     t.add_argument("--fault", action="append", default=[], metavar="NAME[@LAYERS]", help=f"plant a known bug to validate the tracer: {', '.join(FAULT_NAMES)}, or perturb:PATH:TAP:SEQ:TOKEN[:EPS]")
 
     o = p.add_argument_group("output")

@@ -17,7 +17,7 @@ when ``rel_l2(packed, unpacked) > K * noise(s)``, and a path *drifts* when
 ``e_path(s, t) > K * noise(s)``. This is the rule of FlashAttention's own test suite (the
 kernel's error against a float32 reference may be at most 2x the error of a plain
 low-precision implementation), applied per token against a median, with ``K`` calibrated on
-fault-free runs (README, "How the verdict is decided").
+fault-free runs (docs/verdict.md).
 
 **plain**: ``rel_l2(packed, unpacked) > max_rel_l2`` (per-dtype default, per-site overrides),
 optionally also ``cos < min_cos``.
@@ -43,10 +43,10 @@ import numpy as np
 from tracer.taps import EMBED, FINAL, parse_tap, walk_key
 
 NOISE_FACTOR = 8.0
-"""K of the noise rule (README: calibration on fault-free runs gave at most 2.3; 8 leaves margin)."""
+"""K of the noise rule (docs/verdict.md: fault-free runs gave at most 2.8 x the noise level; 8 leaves margin)."""
 
 PLAIN_MAX_REL_L2 = {"float32": 1e-3, "float64": 1e-6, "float16": 1e-2, "bfloat16": 5e-2}
-"""Plain-rule default thresholds on relative L2 error, per run dtype (README explains)."""
+"""Plain-rule default thresholds on relative L2 error, per run dtype (docs/verdict.md explains)."""
 
 PAIR = "packed-vs-unpacked"
 VS_REF = {"packed": "packed-vs-reference", "unpacked": "unpacked-vs-reference"}
