@@ -21,7 +21,7 @@ from tracer import bundle as bundle_cli
 from tracer import run as run_cli
 from tracer.esm.models import build_random
 from tracer.inputs.sequences import debug_batch
-from tracer.store.files import partials_of
+from tracer.store.files import partial_name, partials_of
 from tracer.store.trace_file import partial_path
 
 
@@ -81,7 +81,7 @@ def test_bad_fasta(tmp_path, capsys, text, fragment):
 def test_bad_options(tmp_path, capsys, argv, fragment):
     # later options win in argparse, so argv overrides BASE where both name an option
     one_line_error(capsys, run_cli.main, [*BASE, "--out", str(tmp_path / "t.h5"), *argv], fragment)
-    assert not (tmp_path / "t.h5").exists() and not partial_path(tmp_path / "t.h5").exists()
+    assert not list(tmp_path.iterdir())  # no trace and no partial file of any name
 
 
 def test_cuda_requested_without_gpu(tmp_path, capsys):
@@ -258,11 +258,14 @@ def test_plot_and_bundle_name_what_is_wrong(tmp_path, capsys, good_trace, how):
     one_line_error(capsys, bundle_cli.main, [str(path), "-o", str(tmp_path / "b")], fragment)
 
 
-def test_partial_file_is_named(tmp_path, capsys, good_trace):
+@pytest.mark.parametrize("kind", ["unique", "fixed"], ids=["unique-per-run", "fixed-schema-1"])
+def test_partial_file_is_named(tmp_path, capsys, good_trace, kind):
     final = tmp_path / "t.h5"
-    shutil.copy(good_trace, partial_path(final))
-    one_line_error(capsys, compare.main, [str(final)], "only the partial t.h5.partial of an interrupted run is there")
-    one_line_error(capsys, compare.main, [str(partial_path(final))], "partial file of an interrupted run")
+    # runs write <name>.<pid>-<random>.partial; traces of schema 1 used the fixed <name>.partial
+    partial = final.with_name(partial_name(final)) if kind == "unique" else partial_path(final)
+    shutil.copy(good_trace, partial)
+    one_line_error(capsys, compare.main, [str(final)], f"only the partial {partial.name} of an interrupted run is there")
+    one_line_error(capsys, compare.main, [str(partial)], "partial file of an interrupted run")
 
 
 def test_bundle_refuses_a_foreign_folder(tmp_path, capsys, good_trace):

@@ -101,7 +101,8 @@ def test_preflight_refuses_before_loading_and_names_what_fits(tmp_path, monkeypa
     monkeypatch.setattr(tracer.esm.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the pre-flight refusal"))
     with pytest.raises(TracerError, match="disk is free.*this would fit: --metrics-only"):
         run(tmp_path, seqs, "refused.h5")
-    assert not (tmp_path / "refused.h5").exists() and not (tmp_path / "refused.h5.partial").exists()
+    # nothing of the refused run: no trace and no partial file of any name (partials are unique per run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["measure.h5"]
 
 
 def test_preflight_accepts_what_fits_and_splits_when_allowed(tmp_path, monkeypatch):
@@ -141,8 +142,15 @@ def test_trace_size_estimate_within_20_percent(tmp_path, metrics_only):
     result = run(tmp_path, seqs, metrics_only=metrics_only)
     size = result.path.stat().st_size
     assert 0.8 <= result.estimate.trace_bytes / size <= 1.2, (result.estimate.trace_bytes, size)
-    held = result.memory["peak_held_tap_bytes"]
-    assert 0.8 <= result.estimate.held_tap_bytes / held <= 1.2 or not metrics_only, (result.estimate.held_tap_bytes, held)
+    held, estimate = result.memory["peak_held_tap_bytes"], result.estimate
+    if metrics_only:
+        assert 0.8 <= estimate.held_tap_bytes / held <= 1.2, (estimate.held_tap_bytes, held)
+    else:
+        # a full trace adds the writer's back-pressure budget, one whole layer in flight to the disk:
+        # a bound, which a fast disk never fills, so what is held lies between the collector's share
+        # (the estimate without that layer, within 20%) and the whole estimate (plus 20%)
+        collector = estimate.held_tap_bytes - estimate.layer_tap_bytes
+        assert 0.8 * collector <= held <= 1.2 * estimate.held_tap_bytes, (collector, estimate.held_tap_bytes, held)
 
 
 def test_preflight_estimate_is_printed_on_every_run(tmp_path, capsys):
