@@ -187,7 +187,11 @@ def test_matrix_with_a_plugin_packed_path_says_what_does_not_apply(tmp_path, tin
     rows = {r["name"]: r for r in record["rows"]}
     for name in ("rope-packed-model", "rope-module", "attn-math", "attn-module"):
         assert rows[name]["kind"] == "n/a" and "does not apply: the packed path is the plug-in" in rows[name]["note"], name
+    # a correct plug-in in float32: every traced row agrees with both paths on the float64 reference;
+    # in bfloat16 too, because these sequences (<= 42 tokens) end before fair-esm's bfloat16 RoPE
+    # error crosses the noise bar (on the 8M model it first does at token 97)
     for name in ("baseline", "rope-unpacked-fp32", "packing-alone", "order-long-first", "precision-bfloat16"):
-        assert rows[name]["kind"] == "trace" and rows[name]["verdict"] in ("agree", "diverged"), name
-    assert rows["baseline"]["verdict"] == "agree" and record["packed"] == adapter
+        assert rows[name]["kind"] == "trace", name
+        assert (rows[name]["verdict"], rows[name]["drifting"]) == ("agree", "neither"), name
+    assert record["packed"] == adapter
     assert rows["baseline"]["cos"]["packed-vs-unpacked"]["long"] == pytest.approx(1.0, abs=1e-6)
