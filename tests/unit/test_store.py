@@ -73,9 +73,11 @@ def test_refuses_to_overwrite_without_force(tmp_path):
     with pytest.raises(TracerError, match="exists; pass --force"):
         TraceWriter(path)
     assert path.read_bytes() == b"precious"
-    _write(path, {("packed", "embed"): torch.zeros(3, 1)}, force=True)
-    with open_trace(path):
-        pass
+    for value in (7.0, -2.0):  # replaces the foreign file, then a trace of its own
+        _write(path, {("packed", "embed"): torch.full((7, 1), value)}, force=True)  # 3 + 4 token rows
+        with open_trace(path) as t:
+            assert torch.equal(t.tap("packed", "embed"), torch.full((7, 1), value))
+    assert [p.name for p in tmp_path.iterdir()] == ["t.h5"]  # replaced in place, no partial left
 
 
 def test_schema_version_recorded(tmp_path):

@@ -21,15 +21,20 @@ CONTEXT = {"reference": "float32"}
 
 
 def table(plant=()) -> MetricsTable:
-    """Noise everywhere; ``plant`` is ``[(pair, tap, row, rel_l2)]``."""
+    """Noise everywhere; ``plant`` is ``[(pair, tap, row, rel_l2)]``: that token's metrics become
+    those of an error of that size (NaN: NaN in every metric, as for a non-finite token)."""
     shape = (len(NAMES), LAYOUT.n_tokens)
     levels = {PAIR: 1e-4, VS_REF["packed"]: 1e-3, VS_REF["unpacked"]: 1e-3, ROUNDED: 5e-4}
-    pairs = {p: {"rel_l2": np.full(shape, v), "cos_dist": np.full(shape, v * v / 2), "max_abs": np.full(shape, v)} for p, v in levels.items()}
+    pairs = {p: metrics_of(np.full(shape, v)) for p, v in levels.items()}
     for pair, tap, row, value in plant:
-        for m in pairs[pair].values():
-            m[NAMES.index(tap), row] = value if math.isnan(value) else m[NAMES.index(tap), row]
-        pairs[pair]["rel_l2"][NAMES.index(tap), row] = value
+        for metric, planted in metrics_of(np.float64(value)).items():
+            pairs[pair][metric][NAMES.index(tap), row] = planted
     return MetricsTable(NAMES, pairs)
+
+
+def metrics_of(rel_l2):
+    """The metrics of an error of relative size ``rel_l2`` (cosine distance ~ rel_l2**2 / 2)."""
+    return {"rel_l2": rel_l2, "cos_dist": rel_l2 * rel_l2 / 2, "max_abs": rel_l2}
 
 
 def row(seq: int, token: int) -> int:
