@@ -1,5 +1,6 @@
-"""Every relative link in README.md and docs/*.md points to a file that exists, and every
-``#anchor`` to a heading of that file (GitHub's heading slugs)."""
+"""The README and docs/ stay true to the tree: every relative link points to a file that exists
+and every ``#anchor`` to a heading of it (GitHub's slugs); every file path and ``tracer.x.y``
+name in their prose exists."""
 
 import re
 from pathlib import Path
@@ -63,3 +64,30 @@ def test_relative_links_resolve(page):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target} (no heading #{anchor} in {dest.name})")
     assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"
+
+
+CODE_PATH = re.compile(r"`((?:tracer|tests|examples|notebooks|\.ci)/[\w./-]+)`")
+CODE_MODULE = re.compile(r"`(tracer(?:\.\w+)+)`")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_files_and_modules_exist(page):
+    """``tracer/...`` or ``tests/...`` paths and ``tracer.x.y`` names the prose mentions exist
+    (they go stale when modules move)."""
+    import importlib
+
+    text = "\n".join(prose_lines(page.read_text()))
+    missing = [p for p in CODE_PATH.findall(text) if not (ROOT / p).exists()]
+    for dotted in CODE_MODULE.findall(text):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ImportError:
+                continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+        if obj is None:
+            missing.append(dotted)
+    assert not missing, f"{page.relative_to(ROOT)} names what does not exist: {missing}"
