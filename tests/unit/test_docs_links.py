@@ -91,3 +91,28 @@ def test_named_files_and_modules_exist(page):
         if obj is None:
             missing.append(dotted)
     assert not missing, f"{page.relative_to(ROOT)} names what does not exist: {missing}"
+
+
+def listed_layout() -> dict[str, set[str]]:
+    """The modules docs/development.md lists per package ("" = tracer/ itself)."""
+    text = (ROOT / "docs" / "development.md").read_text()
+    block = text[text.index("```\ntracer/\n") + len("```\ntracer/\n"):]
+    listed: dict[str, set[str]] = {"": set()}
+    for line in block.splitlines():
+        if not line.startswith("  "):  # the next top-level folder ends tracer/
+            break
+        sub = re.match(r"^  (\w+)/\s+(.*)$", line)
+        if sub:
+            listed[sub.group(1)] = set(re.findall(r"\b\w+\.py\b", sub.group(2)))
+        elif re.match(r"^  \w+\.py", line):
+            listed[""] |= set(re.findall(r"\b\w+\.py\b", line))
+    return listed
+
+
+def test_layout_in_development_md_matches_the_package():
+    package = ROOT / "tracer"
+    actual = {"": {p.name for p in package.glob("*.py")} - {"__init__.py", "__main__.py"}}
+    for sub in package.iterdir():
+        if (sub / "__init__.py").is_file():
+            actual[sub.name] = {p.name for p in sub.glob("*.py")} - {"__init__.py"}
+    assert listed_layout() == actual
