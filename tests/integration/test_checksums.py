@@ -1,4 +1,4 @@
-"""Nothing invented (issue 10, item 9): a damaged trace gives one line, never a made-up verdict.
+"""Nothing invented: a damaged trace gives one line, never a made-up verdict.
 
 Every dataset carries a CRC-32 written with it; readers verify them, the comparator cross-checks
 stored against recomputed metrics, and a seeded fuzz test flips bytes all over a small trace.

@@ -99,7 +99,7 @@ def test_lockstep_reference_on_cuda_is_the_in_place_fp32_reference(tmp_path):
     result = run(tmp_path, seqs, device="cuda", dtype="bfloat16")
     model, arch, _ = load_model(SMALL, "random", 0)
     set_precision(model, CUDA, torch.bfloat16)
-    set_precision(model, CUDA, torch.float32)  # the 0.1 way: the whole model up-cast in place
+    set_precision(model, CUDA, torch.float32)  # the whole model up-cast in place (what the twin must equal)
     expected = {}
     with torch.inference_mode(), strict_fp32_matmul():
         run_unpacked(model, encode(seqs, model.alphabet), [t.name for t in result.summary.taps], expected.__setitem__)

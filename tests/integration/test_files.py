@@ -1,5 +1,5 @@
-"""Nothing lost: what tracer writes never deletes or replaces what it did not create in this run
-(issue 10, items 5-8 and 11): bundles and benchmarks, parallel runs with one --out, signals, a
+"""Nothing lost: what tracer writes never deletes or replaces what it did not create in this run:
+bundles and benchmarks, parallel runs with one --out, signals, a
 full disk, and plots into places that cannot be written."""
 
 import dataclasses
@@ -166,7 +166,7 @@ def test_default_names_are_unique_per_run():
     for _ in range(50):
         names.append(str(tracing.default_out("esm2_t6_8M_UR50D", "bfloat16", debug_batch(10))))
         time.sleep(2e-6)
-    assert len(set(names)) == 50  # 0.1 named runs started in the same second the same
+    assert len(set(names)) == 50  # runs started in the same second get different names
     assert sorted(names) == names  # and they still sort by start time
     assert f"-{os.getpid()}.h5" in names[0]
 

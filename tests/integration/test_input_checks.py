@@ -1,4 +1,4 @@
-"""Every input checked before the model loads (issue 10, item 10): flags, FASTA files, checkpoints.
+"""Every input checked before the model loads: flags, FASTA files, checkpoints.
 
 Each bad input is one ``error`` line and exit 2; the flag checks must happen before any model
 is loaded (``load_model`` is replaced by a tripwire).
@@ -68,7 +68,7 @@ def test_bad_flags_are_one_line_before_the_model_loads(tmp_path, capsys, no_mode
 
 
 def test_seq_len_100000_on_cpu_is_refused_before_loading(tmp_path, capsys, no_model_load):
-    """The bound is the pre-flight estimate of issue 11 (memory the run needs vs available);
+    """The bound is the pre-flight estimate (memory the run needs vs available);
     the only other line is the >1022-residue warning."""
     assert run_cli.main([*BASE, "--seq-len", "100000", "--out", str(tmp_path / "t.h5")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,4 +1,4 @@
-"""Production-size batches: memory bounded by one layer, sub-batching, pre-flight (issue 11).
+"""Production-size batches: memory bounded by one layer, sub-batching, pre-flight.
 
 Memory is measured by the run's ledger (:class:`tracer.store.tap_writer.Ledger`): the exact bytes of tap
 tensors held at once (collector, sub-batch assembly, writer in flight), which is what grew with
@@ -37,7 +37,7 @@ def test_metrics_only_memory_grows_with_tokens_not_layers(tmp_path):
     layer = peaks[6]["layer_tap_bytes"]
     assert {m["layer_tap_bytes"] for m in peaks.values()} == {layer}  # same width, same tokens
     for layers, m in peaks.items():
-        # before lockstep the unpacked and packed taps of every layer were held: ~ layers x one layer
+        # paths run one after another would hold the taps of every layer: ~ layers x one layer
         assert m["peak_held_tap_bytes"] <= 1.25 * layer, (layers, m)
     assert peaks[30]["peak_held_tap_bytes"] <= 1.05 * peaks[6]["peak_held_tap_bytes"]
     bigger = _run_custom(tmp_path, 6, _batch(6), metrics_only=True).memory

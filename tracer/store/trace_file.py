@@ -36,7 +36,7 @@ written: tap data on the host bytes the writer already holds, strings joined by 
 ``meta`` and ``summary`` records carry ``meta_crc32``/``summary_crc32``. Readers verify the small
 datasets and records on open and a tap's data whenever it is read whole (:meth:`Trace.tap`,
 the comparator); :meth:`Trace.verify` checks everything (``tracer.compare --verify``). Schema-1
-files (tracer 0.1) have no checksums and are read unverified.
+files have no checksums and are read unverified.
 
 Example::
 
@@ -66,14 +66,14 @@ from tracer.inputs.packing import Layout
 
 FORMAT = "tracer-trace"
 SCHEMA_VERSION = 2
-"""2: per-dataset ``crc32`` checksums (1: tracer 0.1, no checksums)."""
+"""2: per-dataset ``crc32`` checksums (1: no checksums)."""
 BF16_ENCODING = "bfloat16-bits-as-uint16"
 COMPRESSIONS = ("none", "lzf", "gzip")
 _STR = h5py.string_dtype()
 
 
 def partial_path(path: Path) -> Path:
-    """The fixed partial name tracer 0.1 used (``<path>.partial``); runs now use unique names
+    """The fixed partial name of schema-1 writers (``<path>.partial``); runs use unique names
     (:func:`tracer.store.files.partials_of` lists them)."""
     return path.with_name(path.name + ".partial")
 
@@ -423,7 +423,7 @@ class Trace:
         Raises :class:`TracerError` naming the first damaged dataset.
         """
         if not self.checksums:
-            raise TracerError(f"{self.path} has no checksums (written by tracer 0.1, schema 1); nothing to verify")
+            raise TracerError(f"{self.path} has no checksums (schema 1); nothing to verify")
         names: list[str] = []
         self.file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
         for name in names:
