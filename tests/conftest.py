@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tracer.inputs.sequences import make_batch, motif_sequence
-from tracer.runner.execute import RunConfig, trace
+from tracer.runner.config import RunConfig
+from tracer.runner.execute import trace
 
 SMALL = "esm2_t6_8M_UR50D"
 BASE = ["--model", SMALL, "--weights", "random", "--device", "cpu", "--quiet"]

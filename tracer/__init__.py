@@ -37,8 +37,8 @@ def __getattr__(name):
 
 
 def summarize(trace, rule=None, recompute=True):
-    """Judge a trace (see :func:`tracer.compare.summarize`)."""
-    from tracer.compare import summarize as _summarize
+    """Judge a trace (see :func:`tracer.judging.tables.summarize`)."""
+    from tracer.judging.tables import summarize as _summarize
 
     return _summarize(trace, rule, recompute)
 

@@ -60,7 +60,9 @@ from tracer.errors import TracerError
 from tracer.esm.packed_forward import PackedESM2
 from tracer.capture.paths import encode
 from tracer.inputs.sequences import debug_batch
-from tracer.runner.execute import RunConfig, reference_dtype, trace
+from tracer.runner.config import RunConfig
+from tracer.runner.execute import trace
+from tracer.runner.plan import reference_dtype
 
 GB = 1e9
 MB = 1e6
@@ -204,7 +206,7 @@ def comparator_probe(trace_path: Path) -> dict:
 
 
 def _ratios(trace_path: Path) -> dict:
-    from tracer.compare import stored_table
+    from tracer.judging.tables import stored_table
     from tracer.store.trace_file import open_trace
     from tracer.judging.verdict import noise_ratios
 

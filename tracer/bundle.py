@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tracer.cli import Parser, main_guard
-from tracer.compare import stored_table, summarize
+from tracer.judging.tables import stored_table, summarize
 from tracer.errors import TracerError
 from tracer.plot import plot_trace, use_file_backend
 from tracer.store import files

@@ -133,23 +133,89 @@ def rule_from_args(args, dtype: str, has_reference: bool) -> Rule | None:
     )
 
 
-def add_model_options(group, dtype_help: str = "dtype of both paths (default bfloat16)") -> None:
-    """The model and run options that ``tracer.experiments`` and ``tracer.sweep`` share (as
-    ``tracer.run``'s). Imports lazily: the read-only tools import this module without fair-esm."""
-    from tracer.esm.attention import BACKENDS
+MAX_LAYER = 9999
+"""No layer number above this is even looked up (ESM-2 models have at most 48 layers)."""
+
+SEED_RANGE = (0, 2**64 - 1)
+"""Seeds ``torch.manual_seed`` accepts (non-negative)."""
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"0,3,5-7"`` -> ``(0, 3, 5, 6, 7)``; empty parts, reversed ranges and absurd numbers are errors."""
+    if not text.strip():
+        raise TracerError("--layers is empty; give layer numbers like 0,3,5-7 (or leave it out for all layers)")
+    out: set[int] = set()
+    for part in text.split(","):
+        lo_text, dash, hi_text = part.strip().partition("-")
+        try:
+            lo, hi = int(lo_text), int(hi_text) if dash else int(lo_text)
+        except ValueError:
+            raise TracerError(f"--layers {text!r}: expected layer numbers like 0,3,5-7") from None
+        if max(lo, hi) > MAX_LAYER:
+            raise TracerError(f"--layers {text!r}: layer {max(lo, hi)} does not exist (ESM-2 models have at most 48 layers)")
+        if hi < lo:
+            raise TracerError(f"--layers {text!r}: the range {part.strip()} is empty (write low-high, e.g. {hi}-{lo})")
+        out.update(range(lo, hi + 1))
+    return tuple(sorted(out))
+
+
+def parse_taps(text: str) -> tuple[str, ...]:
+    """``"ctx,resid_out"`` -> ``("ctx", "resid_out")``; empty names are errors."""
+    taps = tuple(t.strip() for t in text.split(","))
+    if not any(taps):
+        raise TracerError("--taps is empty; name sites like ctx,resid_out (or leave it out for all taps)")
+    if not all(taps):
+        raise TracerError(f"--taps {text!r} has an empty name; write names separated by single commas")
+    return taps
+
+
+def seed(text: str) -> int:
+    """``--seed``: an integer ``torch.manual_seed`` accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; seeds are integers from 0 to 2**64-1")
+    return value
+
+
+def add_run_options(p: argparse.ArgumentParser, dtype_help: str = "dtype of both paths (default bfloat16)") -> None:
+    """The model, path and numerics options of every tool that runs the model (``tracer.run``,
+    ``tracer.experiments``, ``tracer.sweep``), declared once. Imports lazily: the read-only tools
+    import this module without fair-esm."""
     from tracer.env import DTYPES
+    from tracer.esm.attention import BACKENDS
     from tracer.esm.models import ARCHITECTURES, DEFAULT_MODEL
     from tracer.esm.packed_forward import ROPE_MODES
-    from tracer.runner.execute import REFERENCES
+    from tracer.runner.config import REFERENCES
 
-    group.add_argument("--model", default=None, metavar="NAME", help=f"fair-esm ESM-2 name (default {DEFAULT_MODEL}); one of {', '.join(ARCHITECTURES)}")
-    group.add_argument("--weights", default="auto", metavar="auto|random|PATH", help="as tracer.run (default auto)")
-    group.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
-    group.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in the checkpoint")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    group.add_argument("--dtype", choices=[d for d in DTYPES if d != "float64"], default="bfloat16", help=dtype_help)
-    group.add_argument("--attn", choices=BACKENDS, default="auto", help="packed attention backend of the builtin path (default auto)")
-    group.add_argument("--packed-rope", choices=ROPE_MODES, default="fp32", help="packed RoPE of the builtin path (default fp32)")
-    group.add_argument("--reference", choices=REFERENCES, default="auto", help="reference path (default auto)")
-    group.add_argument("--packed", default="builtin", metavar="SPEC", help="packed path: builtin, or a plug-in (as tracer.run --packed)")
-    group.add_argument("--unpacked", default="fair-esm", metavar="SPEC", help="unpacked path: fair-esm, or a plug-in (as tracer.run --unpacked)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, metavar="NAME", help=f"fair-esm ESM-2 name (default {DEFAULT_MODEL}); one of {', '.join(ARCHITECTURES)}")
+    m.add_argument(
+        "--weights", default="auto", metavar="auto|random|PATH",
+        help="auto: fair-esm's checkpoint from the torch-hub cache, else download; random: the architecture with "
+        "seeded random weights (no checkpoint needed); PATH: a fair-esm .pt file (default auto)",
+    )
+    m.add_argument("--seed", type=seed, default=0, help="seed of --weights random (default 0)")
+    m.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
+
+    w = p.add_argument_group("the two paths (default: tracer's own packed forward vs fair-esm's padded forward)")
+    w.add_argument(
+        "--packed", default="builtin", metavar="SPEC",
+        help="packed side: builtin, package.module:factory or path/to/file.py:factory, where "
+        "factory(model, alphabet) returns forward(tokens (N,), cu_seqlens (B+1,) int32, max_seqlen) -> (N, E) "
+        "(the representation after emb_layer_norm_after); taps are captured from the fair-esm modules and "
+        "the attention kernel it calls (docs/plugins.md)",
+    )
+    w.add_argument(
+        "--unpacked", default="fair-esm", metavar="SPEC",
+        help="unpacked side: fair-esm (ESM2.forward, default) or a factory SPEC returning forward(tokens (B, T)) -> (B, T, E)",
+    )
+
+    n = p.add_argument_group("numerics")
+    n.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA if available)")
+    n.add_argument("--dtype", choices=[d for d in DTYPES if d != "float64"], default="bfloat16", help=dtype_help)
+    n.add_argument("--attn", choices=BACKENDS, default="auto", help="attention of the builtin packed path: flash-attn package, PyTorch's varlen FlashAttention, or exact math (default auto: best available)")
+    n.add_argument("--packed-rope", choices=ROPE_MODES, default="fp32", help="RoPE of the builtin packed path: fp32, or 'model' = exactly fair-esm's rotary module in the model dtype (default fp32)")
+    n.add_argument("--reference", choices=REFERENCES, default="auto", help="high-precision reference path (default auto: fp32 for 16-bit runs, none for float32)")

@@ -57,15 +57,16 @@ from tracer.esm import models
 
 from tracer.campaigns import probes
 from tracer.campaigns.campaign import Campaign, check_folder, Progress, run_and_report, TraceFacts, fmt_cos, where, write_atomic, write_json_atomic
-from tracer.cli import Parser, add_model_options, main_guard
+from tracer.cli import Parser, add_run_options, main_guard
 from tracer.env import resolve_device, resolve_dtype
 from tracer.errors import TracerError
-from tracer.inputs.faults import FAULT_NAMES, parse_faults
+from tracer.inputs.faults import FAULT_NAMES
 from tracer.esm.models import DEFAULT_MODEL
 from tracer.inputs.packing import PACK_ORDERS
 from tracer.capture.paths import encode
 from tracer.inputs.sequences import Sequence, debug_batch, read_fasta
-from tracer.runner.execute import RunConfig, trace
+from tracer.runner.config import RunConfig, config_from_args, output_stem
+from tracer.runner.execute import trace
 
 TOOL = "tracer.experiments"
 FLASH_BACKENDS = ("flash-attn", "torch-varlen", "math")
@@ -131,19 +132,6 @@ def unpacked_spec(config: RunConfig) -> str:
 
 def _spec(spec) -> str:
     return spec if isinstance(spec, str) else f"callable {getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', spec)}"
-
-
-def plugin_kwargs(args) -> dict:
-    """``packed``/``unpacked`` for :class:`RunConfig`, passed straight through where it has them."""
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    out = {}
-    for name, default in (("packed", "builtin"), ("unpacked", "fair-esm")):
-        value = getattr(args, name)
-        if name in fields:
-            out[name] = value
-        elif value != default:
-            raise TracerError(f"--{name} {value}: this tracer has no plug-in {name} paths yet (only {default})")
-    return out
 
 
 def longest(sequences) -> Sequence:
@@ -396,8 +384,8 @@ def build_parser() -> Parser:
     s = p.add_argument_group("sequences (default: the debug-log batch tiny 3, small 8, medium 160, large N)")
     s.add_argument("--seq-len", type=int, default=400, metavar="N", help="residues of the 'large' sequence (default 400)")
     s.add_argument("--fasta", metavar="FILE", help="use the sequences of a FASTA file instead")
-    m = p.add_argument_group("model and baseline")
-    add_model_options(m, "baseline dtype (default bfloat16)")
+    add_run_options(p, "baseline dtype (default bfloat16)")
+    m = p.add_argument_group("baseline")
     m.add_argument("--pack-order", choices=PACK_ORDERS, default="given", help="baseline pack order (default given)")
     m.add_argument("--fault", action="append", default=[], metavar="NAME[@LAYERS]", help=f"plant a known bug in every variant (validation): {', '.join(FAULT_NAMES)}")
     o = p.add_argument_group("output")
@@ -410,13 +398,7 @@ def build_parser() -> Parser:
 
 
 def base_config(args, sequences, command: tuple[str, ...]) -> RunConfig:
-    kwargs = dict(
-        model=args.model, weights=args.weights, seed=args.seed, trust_checkpoint=args.trust_checkpoint,
-        device=args.device, dtype=args.dtype, attn=args.attn, packed_rope=args.packed_rope,
-        reference=args.reference, pack_order=args.pack_order,
-        faults=parse_faults(args.fault, [s.id for s in sequences]), command=command,
-    )
-    return RunConfig(**kwargs, **plugin_kwargs(args))
+    return config_from_args(args, [s.id for s in sequences], command)
 
 
 def sequences_from(args) -> list[Sequence]:
@@ -427,8 +409,7 @@ def sequences_from(args) -> list[Sequence]:
 
 def default_out(args, sequences) -> Path:
     model = args.model or (Path(args.weights).stem if args.weights not in ("auto", "random") else DEFAULT_MODEL)
-    lengths = "-".join(str(s.length) for s in sequences[:4]) + ("-etc" if len(sequences) > 4 else "")
-    return Path("experiments") / f"{model}-{args.dtype}-L{lengths}"
+    return Path("experiments") / output_stem(model, args.dtype, [s.length for s in sequences])
 
 
 @main_guard

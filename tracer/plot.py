@@ -34,7 +34,7 @@ from matplotlib.colors import LogNorm
 
 from tracer.store import files
 from tracer.cli import Parser, main_guard
-from tracer.compare import stored_table
+from tracer.judging.tables import stored_table
 from tracer.errors import TracerError
 from tracer.store.trace_file import open_trace, reading
 from tracer.taps import EMBED, FINAL, SITES, parse_tap

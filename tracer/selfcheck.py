@@ -34,7 +34,8 @@ from tracer.errors import TracerError
 from tracer.inputs.faults import Faults, Perturbation
 from tracer.inputs.packing import PACK_ORDERS, pack_order
 from tracer.inputs.sequences import debug_batch
-from tracer.runner.execute import RunConfig, trace
+from tracer.runner.config import RunConfig
+from tracer.runner.execute import trace
 
 TINY, SMALL, MEDIUM, LARGE = range(4)
 

@@ -34,15 +34,16 @@ from pathlib import Path
 
 from tracer.esm import models
 from tracer.campaigns.campaign import Campaign, Progress, run_and_report, TraceFacts, check_folder, file_mode, fmt_cos, where, write_atomic, write_json_atomic
-from tracer.cli import Parser, add_model_options, main_guard
+from tracer.cli import Parser, add_run_options, main_guard
 from tracer.env import resolve_device
 from tracer.errors import TracerError
-from tracer.experiments import packed_spec, plugin_kwargs, unpacked_spec
-from tracer.inputs.faults import FAULT_NAMES, parse_faults
+from tracer.experiments import packed_spec, unpacked_spec
+from tracer.inputs.faults import FAULT_NAMES
 from tracer.esm.models import DEFAULT_MODEL
 from tracer.inputs.sequences import make_batch, motif_sequence
 from tracer.taps import SITES
-from tracer.runner.execute import RunConfig, trace
+from tracer.runner.config import RunConfig, config_from_args
+from tracer.runner.execute import trace
 
 TOOL = "tracer.sweep"
 PAIRS = ("packed-vs-unpacked", "packed-vs-reference", "unpacked-vs-reference")
@@ -258,8 +259,8 @@ def build_parser() -> Parser:
     )
     p.add_argument("--lengths", default="50:1000:50", metavar="START:STOP:STEP|A,B,...", help="lengths in residues, stop included (default 50:1000:50)")
     p.add_argument("--sites", default=",".join(DEFAULT_SITES), metavar="A,B", help=f"taps of interest in the plot and table (default {','.join(DEFAULT_SITES)}); any of {', '.join([*SITES, 'embed', 'final_norm'])}")
-    m = p.add_argument_group("model and run")
-    add_model_options(m, "dtype of both paths (default bfloat16)")
+    add_run_options(p)
+    m = p.add_argument_group("validation")
     m.add_argument("--fault", action="append", default=[], metavar="NAME[@LAYERS]", help=f"plant a known bug (validation): {', '.join(FAULT_NAMES)}")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR", help="output folder (default sweeps/<model>-<dtype>-<lengths>); rerun to resume")
@@ -280,13 +281,7 @@ def main(argv=None) -> int:
         raise TracerError(f"--sites: unknown site {bad[0] if bad else args.sites!r}; sites: {', '.join([*SITES, 'embed', 'final_norm'])}")
     if any(f.startswith("perturb:") for f in args.fault):
         raise TracerError("--fault perturb:... names one sequence and token; the sweep traces a new sequence per length (plant a switch such as positions-bf16)")
-    kwargs = dict(
-        model=args.model, weights=args.weights, seed=args.seed, trust_checkpoint=args.trust_checkpoint,
-        device=args.device, dtype=args.dtype, attn=args.attn, packed_rope=args.packed_rope, reference=args.reference,
-        faults=parse_faults(args.fault, [f"L{n}" for n in lengths]),
-        command=tuple(["python", "-m", TOOL, *(sys.argv[1:] if argv is None else argv)]),
-    )
-    base = RunConfig(**kwargs, **plugin_kwargs(args))
+    base = config_from_args(args, [f"L{n}" for n in lengths], tuple(["python", "-m", TOOL, *(sys.argv[1:] if argv is None else argv)]))
     model = args.model or (Path(args.weights).stem if args.weights not in ("auto", "random") else DEFAULT_MODEL)
     out = Path(args.out) if args.out else Path("sweeps") / f"{model}-{args.dtype}-{lengths[0]}-{lengths[-1]}-n{len(lengths)}"
     from tracer.plot import use_file_backend

@@ -12,7 +12,7 @@ from tracer.inputs.faults import Faults
 from tracer.esm.models import Architecture, Weights, build_random, fingerprint
 from tracer.campaigns.probes import fair_esm_rope_fp32
 from tracer.inputs.sequences import make_batch, motif_sequence
-from tracer.runner.execute import RunConfig
+from tracer.runner.config import RunConfig
 
 TINY = Architecture("custom", 2, 64, 4)  # head dim 16
 

@@ -7,7 +7,7 @@ to ~5e-7, so the plain rule's 1e-3 bar sees nothing but the planted fault.
 import pytest
 
 from tests.conftest import run
-from tracer.compare import stored_table
+from tracer.judging.tables import stored_table
 from tracer.inputs.faults import Faults, Perturbation
 from tracer.inputs.packing import PACK_ORDERS
 from tracer.inputs.sequences import debug_batch, make_batch, motif_sequence

@@ -21,7 +21,7 @@ from tracer import bundle as bundle_cli
 from tracer import plot as plot_cli
 from tracer import run as run_cli
 from tracer.capture import paths
-from tracer.runner import execute as tracing
+from tracer.runner import config as tracing
 from tracer.store.tap_writer import AsyncTapWriter
 from tracer.errors import TracerError
 from tracer.store.files import partials_of

@@ -14,7 +14,8 @@ from tracer.errors import TracerError
 from tracer.inputs.faults import Faults, Perturbation
 from tracer.esm.models import Architecture, Weights, build_random, fingerprint
 from tracer.inputs.sequences import make_batch, motif_sequence
-from tracer.runner.execute import RunConfig, trace
+from tracer.runner.config import RunConfig
+from tracer.runner.execute import trace
 
 
 def _custom(layers: int, width: int = 64, heads: int = 4):

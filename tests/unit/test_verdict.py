@@ -12,7 +12,7 @@ import pytest
 
 from tracer.inputs.packing import Layout
 from tracer.taps import tap_names
-from tracer.judging.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, judge
+from tracer.judging.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, Summary, judge
 
 LAYOUT = Layout.from_lengths([4, 6])  # sequences a (tokens 0..3) and b (0..5), N = 10
 IDS = ["a", "b"]
@@ -100,3 +100,24 @@ def test_one_path_all_nan_at_a_tap_does_not_lower_the_bar():
     s = judge(t, LAYOUT, IDS, Rule(), CONTEXT)
     k = next(x for x in s.taps if x.name == "layers.0.k_rope")
     assert k.noise == pytest.approx(1e-3) and s.attribution.unpacked is None
+
+
+@pytest.mark.parametrize("plant", [(), [(PAIR, "layers.0.ctx", row(1, 2), 0.5), (VS_REF["packed"], "layers.0.ctx", row(1, 2), 0.5)],
+                                   [(PAIR, "layers.1.v", row(0, 3), float("nan"))]], ids=["agree", "diverged", "nan"])
+def test_summary_round_trips_through_json(plant):
+    s = judge(table(plant), LAYOUT, IDS, Rule(), CONTEXT, trace="t.h5")
+    again = Summary.from_json(json.loads(json.dumps(s.to_json())))
+    assert again.to_json() == s.to_json()
+    assert again.format_text(table=True) == s.format_text(table=True)
+    assert (again.first_divergence is None) == (s.first_divergence is None)
+
+
+@pytest.mark.parametrize("verdict", [None, "", "maybe"])
+def test_summary_without_a_verdict_is_refused_not_read_as_agreement(verdict):
+    d = judge(table(), LAYOUT, IDS, Rule(), CONTEXT).to_json()
+    if verdict is None:
+        del d["verdict"]
+    else:
+        d["verdict"] = verdict
+    with pytest.raises(ValueError, match="no valid verdict"):
+        Summary.from_json(d)

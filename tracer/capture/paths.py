@@ -1,21 +1,24 @@
-"""The forward paths a run traces, over one encoded batch.
+"""The forward paths a run traces, over one encoded batch: one :class:`TracedPath` notion for all.
 
 * ``unpacked`` -- fair-esm's own ``ESM2.forward`` on its padded ``(B, T)`` batch, untouched
-  (hooks only record). Run in the model's current precision.
-* ``packed`` -- :class:`tracer.esm.packed_forward.PackedESM2` over the concatenated stream.
-* ``reference`` -- the unpacked computation again, in float32 or float64 on the same weights
-  (the caller switches precision with :func:`tracer.esm.models.set_precision`).
-* a user's plug-in (``--packed SPEC`` / ``--unpacked SPEC``, :mod:`tracer.capture.plugin`) in place of
-  either side, its taps captured by :class:`tracer.capture.observe.Observer`.
+  (hooks only record), in the model's current precision (:class:`FairEsmPath`).
+* ``packed`` -- tracer's packed forward :class:`tracer.esm.packed_forward.PackedESM2` over the
+  concatenated stream (:class:`BuiltinPackedPath`).
+* ``reference`` -- fair-esm's forward again on an up-cast twin of the weights, with full-float32
+  matmuls (a :class:`FairEsmPath` with a run context; :func:`reference_path`).
+* a user's plug-in (``--packed SPEC`` / ``--unpacked SPEC``, :mod:`tracer.capture.plugin`) in place
+  of either side, its taps captured by :class:`tracer.capture.observe.Observer` (:class:`PluginPath`).
 
-Every path is a :class:`TracedPath`: it says which taps it can deliver and runs the batch,
-handing each tap to ``record(name, canonical_tensor)``.
+Every path says what it can do (:class:`Supports`: sub-batches of the padded batch, a single
+layer re-run for ``--local``, planted faults) and which taps it delivers, and runs the batch,
+handing each tap to ``record(name, canonical_tensor)``. Callers ask ``path.supports``; they never
+test a path's class.
 
 Example::
 
-    batch = encode(sequences, model.alphabet, pack_order="given")
+    batch = encode(sequences, model.alphabet, order="given")
     with torch.inference_mode():
-        run_unpacked(model, batch, names, record)
+        FairEsmPath(model).run(batch, names, record)
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from tracer.capture.observe import Geometry, Observer
 from tracer.esm.packed_forward import PackedESM2
 from tracer.inputs.packing import Layout, pack_order
 from tracer.capture.plugin import Plugin
-from tracer.capture.plugin import load as load_plugin
 from tracer.inputs.sequences import Sequence, make_batch
 from tracer.taps import FINAL
 from tracer.capture.hooks import Record, tap_packed, tap_unpacked
+from tracer.inputs.batching import sub_faults
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -118,16 +122,35 @@ class PathOutput:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Supports:
+    """What a path can do beyond one whole-batch forward.
+
+    Attributes:
+        sub_batches: runs on length-sorted sub-batches of the padded batch (:meth:`TracedPath.part`).
+        single_layer: re-runs one layer on a given canonical input (:meth:`TracedPath.run_layer`, ``--local``).
+        faults: takes planted faults (``--fault`` switches and perturbations).
+    """
+
+    sub_batches: bool = False
+    single_layer: bool = False
+    faults: bool = False
+
+
 class TracedPath:
     """A forward that can be traced. Subclasses say how it runs and how taps are captured.
 
     Attributes:
-        name: ``unpacked`` or ``packed`` (the side it plays in the comparison).
+        name: the role it plays: ``unpacked``, ``packed``, ``reference`` (or ``control``).
         label: what it is, for messages and the trace's meta.
+        supports: what it can do besides a whole-batch forward.
+        context: ``None`` or a context-manager factory its forward runs inside (in its own thread).
     """
 
     name: str = ""
     label: str = ""
+    supports: Supports = Supports()
+    context: Callable | None = None
 
     def capturable(self, names: list[str]) -> list[str]:
         """The subset of ``names`` this path delivers (built-in paths: all of them)."""
@@ -136,6 +159,14 @@ class TracedPath:
     def run(self, batch: Batch, names: list[str], record: Record) -> PathOutput:
         raise NotImplementedError
 
+    def part(self, group: tuple[int, ...]) -> "TracedPath":
+        """This path for the sub-batch of canonical sequences ``group`` (``supports.sub_batches``)."""
+        raise NotImplementedError(f"{self.label} does not run sub-batches")
+
+    def run_layer(self, i: int, x: torch.Tensor, batch: Batch, names: list[str], record: Record) -> None:
+        """Layer ``i`` alone on the canonical ``(N, E)`` input ``x`` (``supports.single_layer``)."""
+        raise NotImplementedError(f"{self.label} does not re-run single layers")
+
     def describe(self, batch: Batch) -> str:
         return self.label
 
@@ -143,33 +174,64 @@ class TracedPath:
 class FairEsmPath(TracedPath):
     """fair-esm's own ``ESM2.forward`` on the padded batch (hooks only record)."""
 
-    def __init__(self, model, faults: Faults | None = None, name: str = "unpacked"):
-        self.model, self.faults, self.name = model, faults, name
-        self.label = "fair-esm ESM2.forward"
+    supports = Supports(sub_batches=True, single_layer=True, faults=True)
+
+    def __init__(self, model, faults: Faults | None = None, name: str = "unpacked", context: Callable | None = None, label: str = "fair-esm ESM2.forward"):
+        self.model, self.faults, self.name, self.context, self.label = model, faults, name, context, label
 
     def run(self, batch, names, record) -> PathOutput:
         run_unpacked(self.model, batch, names, record, self.faults)
         return PathOutput(set(names))
 
+    def part(self, group):
+        faults = sub_faults(self.faults, group) if self.faults is not None else None
+        return FairEsmPath(self.model, faults, self.name, self.context, self.label)
+
+    def run_layer(self, i, x, batch, names, record) -> None:
+        run_unpacked_layer(self.model, i, to_padded(x, batch), batch, names, record, self.faults)
+
     def describe(self, batch) -> str:
         return f"fair-esm forward, padded batch {tuple(batch.padded.shape)}"
+
+
+def reference_path(twin, strict_matmul: Callable, dtype_name: str) -> FairEsmPath:
+    """fair-esm's forward on the up-cast twin (:func:`tracer.esm.models.upcast_twin`), no faults."""
+    return FairEsmPath(twin, None, "reference", strict_matmul, f"fair-esm ESM2.forward in {dtype_name} on up-cast weights")
 
 
 class BuiltinPackedPath(TracedPath):
     """tracer's own packed forward (:class:`tracer.esm.packed_forward.PackedESM2`)."""
 
-    name = "packed"
+    supports = Supports(single_layer=True, faults=True)
 
-    def __init__(self, packed: PackedESM2):
-        self.packed = packed
+    def __init__(self, packed: PackedESM2, name: str = "packed"):
+        self.packed, self.name = packed, name
         self.label = f"builtin (attention {packed.backend.name}, RoPE {packed.rope_mode})"
 
     def run(self, batch, names, record) -> PathOutput:
         run_packed(self.packed, batch, names, record)
         return PathOutput(set(names))
 
+    def run_layer(self, i, x, batch, names, record) -> None:
+        run_packed_layer(self.packed, i, to_packed(x, batch), batch, names, record)
+
     def describe(self, batch) -> str:
         return f"builtin packed forward, {batch.layout.n_tokens} tokens, cu_seqlens {batch.layout.cu_seqlens.tolist()}, RoPE {self.packed.rope_mode}"
+
+
+def to_padded(x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Canonical ``(N, E)`` -> fair-esm's ``(T, B, E)``, padding rows zero."""
+    b, t = batch.padded.shape
+    flat = x.new_zeros(b * t, x.shape[-1])  # (B*T, E)
+    flat.index_copy_(0, batch.layout.canonical_from_padded(t).to(x.device), x)
+    return flat.view(b, t, -1).transpose(0, 1)  # (T, B, E)
+
+
+def to_packed(x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Canonical ``(N, E)`` -> pack order ``(N, E)``."""
+    if batch.layout.is_identity:
+        return x
+    return x.index_select(0, batch.layout.canonical_row_of_packed.to(x.device))
 
 
 PROBE = (("probe-a", "MKTAYIAKQRQISFVK"), ("probe-b", "MKTAYIA"))
@@ -276,9 +338,3 @@ class PluginPath(TracedPath):
         return f"{self.label}, {batch.layout.n_tokens} tokens" + (
             f", cu_seqlens {batch.layout.cu_seqlens.tolist()}" if self.name == "packed" else f", padded batch {tuple(batch.padded.shape)}"
         )
-
-
-def make_path(spec, side: str, model, builtin: Callable[[], TracedPath], pack_order: str = "given") -> TracedPath:
-    """The path for a ``--packed``/``--unpacked`` SPEC (``builtin()`` builds the default)."""
-    plugin = spec if isinstance(spec, Plugin) else load_plugin(spec, side)
-    return builtin() if plugin is None else PluginPath(plugin, model, pack_order)

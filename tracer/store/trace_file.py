@@ -299,7 +299,7 @@ class Trace:
         if not isinstance(self.meta, dict):
             raise TracerError(f"{path} is damaged: its meta record is not an object")
         g = file["sequences"]
-        read = {k: self._small(f"sequences/{k}") for k in ("ids", "residues", "lengths", "offsets", "pack_order", "cu_seqlens")}
+        read = {k: self.read_small(f"sequences/{k}") for k in ("ids", "residues", "lengths", "offsets", "pack_order", "cu_seqlens")}
         ids = [_attr_str(s) for s in read["ids"]]
         residues = [_attr_str(s) for s in read["residues"]]
         lengths = [int(n) for n in read["lengths"]]
@@ -318,7 +318,11 @@ class Trace:
             for i in range(len(ids))
         ]
 
-    def _small(self, key: str) -> np.ndarray:
+    def has(self, key: str) -> bool:
+        """Whether the file holds ``key`` (a group or dataset path, e.g. ``metrics`` or ``local``)."""
+        return key in self.file
+
+    def read_small(self, key: str) -> np.ndarray:
         """A small dataset read whole and checked against its checksum."""
         if key not in self.file:
             raise TracerError(f"{self.path} is damaged: it has no {key}")

@@ -1,0 +1,187 @@
+"""Reading fair-esm checkpoints safely: the released on-disk format, its architecture, and one-line errors for damaged files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import socket
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+from esm.model.esm2 import ESM2
+
+from tracer.errors import TracerError
+from tracer.esm.catalogue import ARCHITECTURES, MODEL_URL, Architecture, empty_esm2
+from tracer.esm.precision import canonical_inv_freq, remember_loaded
+
+
+
+def hub_checkpoint_path(name: str) -> Path:
+    """Where fair-esm's loader caches ``name``: ``$TORCH_HOME/hub/checkpoints/<name>.pt``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """Read a fair-esm checkpoint file without copying it into memory twice.
+
+    The file is memory-mapped (``mmap=True``) and unpickled with ``weights_only=True``, allowing
+    only ``argparse.Namespace`` beyond tensors and containers (ESM-2 checkpoints keep their
+    config in one). ``trust=True`` falls back to a full unpickle for files that need more.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TracerError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        raise TracerError(f"checkpoint {str(path)!r} is a directory, not a .pt file")
+    if not os.access(path, os.R_OK):
+        raise TracerError(f"checkpoint {str(path)!r} is not readable (permissions)")
+    mmap = zipfile.is_zipfile(path)  # mmap needs the zip format of torch >= 1.6
+    if mmap:
+        check_zip_crcs(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        detail = re.search(r"Unsupported (global|class)[^\n]*", str(e))
+        if trust or detail is None:  # not about foreign objects: the bytes are not a checkpoint
+            raise TracerError(f"{path} is not a readable PyTorch checkpoint ({last_line(e)})") from None
+        raise TracerError(
+            f"{path} holds Python objects beyond tensors ({detail.group(0).rstrip('.')}); "
+            "if you trust the file, add --trust-checkpoint"
+        ) from None
+    except Exception as e:  # whatever torch.load raises on a file that is not a checkpoint
+        raise TracerError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise TracerError(f"{path} is not a fair-esm checkpoint (top level is {type(data).__name__})")
+    return data
+
+
+def check_zip_crcs(path: Path) -> None:
+    """Raise :class:`TracerError` unless every member of the checkpoint's zip matches its CRC-32.
+
+    ``torch.load(mmap=True)`` does not check them, so a flipped byte in a weight would load
+    silently. This reads the file once (the memory-mapped load then finds it in the page cache).
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+        raise TracerError(f"{path} is damaged ({first_line(e)})") from None
+    if bad is not None:
+        raise TracerError(f"{path} is damaged: {bad} fails its zip CRC-32 check (a corrupted download or disk?)")
+
+
+def checkpoint_architecture(data: dict, path: str | Path) -> Architecture:
+    """The ESM-2 architecture a fair-esm checkpoint declares in ``cfg['model']``."""
+    cfg = data.get("cfg")
+    model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
+    if model_cfg is None or "model" not in data:
+        kind = "an ESM-1/ESM-1b checkpoint" if "args" in data else "not a fair-esm ESM-2 checkpoint"
+        raise TracerError(f"{path} is {kind} (no cfg.model and model entries); tracer traces ESM-2")
+    try:
+        shape = (
+            int(_cfg(model_cfg, "encoder_layers")),
+            int(_cfg(model_cfg, "encoder_embed_dim")),
+            int(_cfg(model_cfg, "encoder_attention_heads")),
+        )
+        token_dropout = bool(_cfg(model_cfg, "token_dropout", True))
+    except (KeyError, AttributeError, TypeError, ValueError):
+        raise TracerError(f"{path} has an incomplete ESM-2 config in cfg.model") from None
+    for arch in ARCHITECTURES.values():
+        if (arch.num_layers, arch.embed_dim, arch.heads, arch.token_dropout) == (*shape, token_dropout):
+            return arch
+    return Architecture("custom", *shape, token_dropout)
+
+
+def _cfg(cfg, key, default=KeyError):
+    if isinstance(cfg, dict):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    if value is KeyError:
+        raise KeyError(key)
+    return value
+
+
+def build_from_checkpoint(data: dict, arch: Architecture, path: str | Path) -> ESM2:
+    """ESM-2 with the checkpoint's tensors assigned in place (no random init, no second copy).
+
+    Contact-regression weights (a separate file in fair-esm) are not needed for tracing and are
+    zero-filled when absent. A rotary ``inv_freq`` the file lacks gets what fair-esm's
+    constructor computes; one the file has is kept exactly as stored.
+    """
+    prefix = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")  # fair-esm's upgrade_state_dict
+    state = {prefix.sub("", k): v for k, v in data["model"].items()}
+    with torch.device("meta"):  # no allocation, no init: the checkpoint's tensors are assigned
+        model = empty_esm2(arch)
+    expected = set(model.state_dict())
+    optional = {k for k in expected if k.startswith("contact_head.") or k.endswith("rot_emb.inv_freq")}
+    missing = sorted(expected - set(state) - optional)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise TracerError(
+            f"{path} does not match ESM-2 ({arch.describe()}): "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise TracerError(f"{path}: {k} is a {type(v).__name__}, not a tensor")
+        if v.layout != torch.strided:
+            raise TracerError(f"{path}: {k} is a {str(v.layout).removeprefix('torch.')} tensor; tracer needs dense weights (convert with .to_dense())")
+        if v.is_meta:
+            raise TracerError(f"{path}: {k} is a meta tensor (a shape with no data); the file holds no weights for it")
+        if v.shape != shapes[k]:
+            bad = [n for n, t in state.items() if t.shape != shapes[n]]
+            raise TracerError(
+                f"{path} does not match ESM-2 ({arch.describe()}): {k} has shape {tuple(v.shape)} in the file, "
+                f"{tuple(shapes[k])} expected ({len(bad)} tensor(s) of the wrong shape)"
+            )
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3]) or first_line(e)
+        raise TracerError(f"{path} does not match ESM-2 ({arch.describe()}): {detail}") from None
+    for module_name, module in model.named_modules():  # what the file may lack is still on the meta device
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t.is_meta:
+                key = f"{module_name}.{name}" if module_name else name
+                if key not in optional:
+                    raise TracerError(f"{path}: {key} has no data after loading")  # pragma: no cover (missing keys are refused above)
+                if name == "inv_freq":  # what fair-esm's constructor puts there
+                    filled = canonical_inv_freq(2 * t.shape[0]).to(t.dtype)
+                else:
+                    filled = torch.zeros(t.shape, dtype=t.dtype)
+                if isinstance(t, torch.nn.Parameter):
+                    setattr(module, name, torch.nn.Parameter(filled, requires_grad=False))
+                else:
+                    setattr(module, name, filled)
+    remember_loaded(model)
+    return model.eval().requires_grad_(False)
+
+
+def download_checkpoint(name: str, dest: Path) -> None:
+    """fair-esm's normal download, into fair-esm's own cache location (atomically)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
+    try:
+        # download_url_to_file writes a temporary file and renames it when complete.
+        torch.hub.download_url_to_file(MODEL_URL.format(name=name), str(dest), progress=sys.stderr.isatty())
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def last_line(e: BaseException) -> str:
+    text = [t for t in str(e).strip().splitlines() if t.strip()]
+    return text[-1].strip() if text else type(e).__name__
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,104 @@
+"""Seeded random weights for an architecture, and their on-disk cache in fair-esm's checkpoint format."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+import torch
+from esm.model.esm2 import ESM2
+
+from tracer.esm.catalogue import Architecture, empty_esm2
+from tracer.esm.precision import remember_loaded
+
+
+
+
+def build_random(arch: Architecture, seed: int) -> ESM2:
+    """fair-esm's ESM-2 with its own default initialisation, seeded, in float32 on the CPU.
+
+    The global RNG state is left as it was. Built on the CPU whatever the run's device, so the
+    same seed gives the same weights everywhere.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = empty_esm2(arch)
+    remember_loaded(model)
+    return model.eval().requires_grad_(False)
+
+
+def random_cache_path(arch: Architecture, seed: int) -> Path | None:
+    """Where the seeded random weights of ``arch`` are cached (``None``: caching is off).
+
+    ``$TRACER_CACHE_DIR`` (``off`` disables), else ``$XDG_CACHE_HOME/tracer``, else
+    ``~/.cache/tracer``. The key holds everything the values depend on: the shape, the seed, and
+    the fair-esm and torch versions (fair-esm's init code and torch's CPU generator).
+    """
+    root = os.environ.get("TRACER_CACHE_DIR")
+    if root is not None and root.strip().lower() in ("", "off", "none", "0"):
+        return None
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tracer")
+    from importlib.metadata import version
+
+    key = (
+        f"{arch.num_layers}L-{arch.embed_dim}E-{arch.heads}H-td{int(arch.token_dropout)}-seed{seed}-"
+        f"fair-esm{version('fair-esm')}-torch{torch.__version__.split('+')[0]}"
+    )
+    return Path(root) / "random-weights" / f"esm2-{key}.pt"
+
+
+_CACHE_WRITES: dict[Path, threading.Thread] = {}
+
+
+def save_random_cache(model: ESM2, arch: Architecture, path: Path, background: bool = False) -> None:
+    """Store ``model``'s weights at ``path`` in fair-esm's checkpoint format, atomically.
+
+    Written to a temporary file in the same folder, fsynced and renamed, so a reader never sees a
+    partial file; any failure (disk full, read-only cache) leaves no file and only costs the
+    next run a fresh build. The file loads with the same code as real checkpoints
+    (:func:`read_checkpoint`, :func:`build_from_checkpoint`). ``background``: write in a thread
+    (not a daemon: the interpreter waits for it at exit; :func:`wait_for_cache_writes`). The
+    tensors are taken now: a later in-place precision change of the model swaps its
+    parameters' data, not these tensors.
+    """
+    data = {
+        "model": {f"encoder.{k}": v for k, v in model.state_dict().items()},
+        "cfg": {"model": {"encoder_layers": arch.num_layers, "encoder_embed_dim": arch.embed_dim,
+                          "encoder_attention_heads": arch.heads, "token_dropout": arch.token_dropout}},
+        "tracer": {"random_seed_cache": True},
+    }
+    if not background:
+        _write_atomically(data, path)
+        return
+    thread = threading.Thread(target=_write_atomically, args=(data, path), name="tracer-weights-cache")
+    thread.start()
+    _CACHE_WRITES[path] = thread
+
+
+def join_cache_write(path: Path) -> None:
+    """Wait for this process's background write of ``path``, if one is under way."""
+    if path in _CACHE_WRITES:
+        _CACHE_WRITES.pop(path).join()
+
+
+def wait_for_cache_writes() -> None:
+    """Wait until this process's background cache writes are on disk."""
+    while _CACHE_WRITES:
+        _CACHE_WRITES.popitem()[1].join()
+
+
+def _write_atomically(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
