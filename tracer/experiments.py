@@ -56,7 +56,7 @@ from tracer.esm import models
 
 
 from tracer.campaigns import probes
-from tracer.campaigns.campaign import Campaign, check_folder, Progress, run_and_report, TraceFacts, fmt_cos, where, write_atomic, write_json_atomic
+from tracer.campaigns.campaign import Campaign, check_folder, run_and_report, TraceFacts, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, add_run_options, main_guard
 from tracer.env import resolve_device, resolve_dtype
 from tracer.errors import TracerError
@@ -67,6 +67,7 @@ from tracer.capture.paths import encode
 from tracer.inputs.sequences import Sequence, debug_batch, read_fasta
 from tracer.runner.config import RunConfig, config_from_args, output_stem
 from tracer.runner.execute import trace
+from tracer.runner.progress import Progress, Steps
 
 TOOL = "tracer.experiments"
 FLASH_BACKENDS = ("flash-attn", "torch-varlen", "math")
@@ -276,7 +277,7 @@ def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: boo
     base = dataclasses.replace(base, metrics_only=not tensors)
     variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, metrics_only=not tensors)) if v.config else v for v in variants]
     work = [v for v in variants if v.kind in ("trace", "probe-rope", "probe-attention")]
-    progress = Progress(len(work), sum(camp.is_done(v.name) for v in work), quiet)
+    progress = Steps(Progress(quiet), len(work), sum(camp.is_done(v.name) for v in work))
     for v in work:
         if camp.is_done(v.name):
             continue

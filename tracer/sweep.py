@@ -33,7 +33,7 @@ from pathlib import Path
 
 
 from tracer.esm import models
-from tracer.campaigns.campaign import Campaign, Progress, run_and_report, TraceFacts, check_folder, file_mode, fmt_cos, where, write_atomic, write_json_atomic
+from tracer.campaigns.campaign import Campaign, run_and_report, TraceFacts, check_folder, file_mode, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, add_run_options, main_guard
 from tracer.env import resolve_device
 from tracer.errors import TracerError
@@ -44,6 +44,7 @@ from tracer.inputs.sequences import make_batch, motif_sequence
 from tracer.taps import SITES
 from tracer.runner.config import RunConfig, config_from_args
 from tracer.runner.execute import trace
+from tracer.runner.progress import Progress, Steps
 
 TOOL = "tracer.sweep"
 PAIRS = ("packed-vs-unpacked", "packed-vs-reference", "unpacked-vs-reference")
@@ -126,7 +127,7 @@ def run_sweep(base: RunConfig, lengths: list[int], out: Path, force: bool = Fals
         "faults": base.faults.to_dict(), "lengths": lengths, "tensors": tensors,
     }
     camp = Campaign(out, TOOL, key, force)
-    progress = Progress(len(lengths), sum(camp.is_done(f"L{n:05d}") for n in lengths), quiet)
+    progress = Steps(Progress(quiet), len(lengths), sum(camp.is_done(f"L{n:05d}") for n in lengths))
     for n in lengths:
         name = f"L{n:05d}"
         if camp.is_done(name):

@@ -3,7 +3,7 @@
 import io
 import time
 
-from tracer.runner.progress import Progress
+from tracer.runner.progress import Progress, Steps
 
 
 class _Terminal(io.StringIO):
@@ -40,4 +40,21 @@ def test_logs_get_status_lines_only():
 def test_quiet_prints_nothing():
     out = _Terminal()
     _phase(Progress(quiet=True, stream=out, interval=0))
+    assert out.getvalue() == ""
+
+
+def test_steps_count_resume_and_time_left():
+    out = io.StringIO()
+    steps = Steps(Progress(stream=out, interval=0), total=3, already=1)
+    steps.finish(steps.start("row b"), "agree")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "tracer: resuming: 1 of 3 already done"
+    assert lines[1] == "tracer: [2/3] row b"
+    assert lines[2].startswith("tracer:       agree (0 s; 1 left, about 0 s")
+
+
+def test_steps_say_nothing_when_quiet():
+    out = io.StringIO()
+    steps = Steps(Progress(quiet=True, stream=out), total=2, already=1)
+    steps.finish(steps.start("x"), "done")
     assert out.getvalue() == ""

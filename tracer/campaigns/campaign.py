@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,39 +126,6 @@ class Campaign:
         write_json_atomic(self.out / MANIFEST, {
             "tool": self.tool, "manifest_version": MANIFEST_VERSION, "plan": self.plan, "done": self.done,
         })
-
-
-class Progress:
-    """``[k/n] label`` lines on stderr with the time left, estimated from the runs done so far."""
-
-    def __init__(self, total: int, already: int, quiet: bool = False):
-        self.total, self.count, self.quiet = total, already, quiet
-        self.spent: list[float] = []
-        if already and not quiet:
-            self._say(f"resuming: {already} of {total} already done")
-
-    def _say(self, msg: str) -> None:
-        if not self.quiet:
-            print(f"tracer: {msg}", file=sys.stderr, flush=True)
-
-    def start(self, label: str) -> float:
-        self._say(f"[{self.count + 1}/{self.total}] {label}")
-        return time.perf_counter()
-
-    def finish(self, started: float, outcome: str) -> None:
-        self.spent.append(time.perf_counter() - started)
-        self.count += 1
-        left = self.total - self.count
-        eta = f"; {left} left, about {_duration(left * sum(self.spent) / len(self.spent))}" if left else ""
-        self._say(f"      {outcome} ({_duration(self.spent[-1])}{eta})")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    m, s = divmod(seconds, 60)
-    return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from tracer.judging.metrics import METRICS, metrics_table, round_to, token_metri
 from tracer.esm.models import loaded_inv_freq
 from tracer.esm.packed_forward import PackedESM2
 from tracer.capture.paths import Batch
-from tracer.capture.hooks import _unpacked_to_canonical, tap_unpacked
+from tracer.capture.hooks import unpacked_to_canonical, tap_unpacked
 from tracer.taps import tap_name
 from tracer.judging.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, Summary, judge
 
@@ -130,7 +130,7 @@ def rope_probe(model, batch: Batch, backend: Backend, rope_mode: str, faults: Fa
         rows = (flat // batch.padded.shape[1], flat % batch.padded.shape[1])
 
         def canon(x):  # (B*H, T, d) -> canonical (N, H, d)
-            return _unpacked_to_canonical(x, "BHTd", b, heads, rows, True)
+            return unpacked_to_canonical(x, "BHTd", b, heads, rows, True)
 
         good, bad = PackedESM2(model, backend, rope=rope_mode, faults=faults).rope_tables(lay, device)[layer]
         rope = bad if faults.at(layer) else good

@@ -98,7 +98,7 @@ def _put(value, item, tensor):
     return tuple(value)
 
 
-def _unpacked_to_canonical(x: torch.Tensor, layout: str, batch: int, heads: int, rows, per_head: bool):
+def unpacked_to_canonical(x: torch.Tensor, layout: str, batch: int, heads: int, rows, per_head: bool):
     """fair-esm layout -> canonical ``(N, E)`` or ``(N, H, d)``: one gather, always a fresh tensor.
 
     ``rows`` is ``(seq, pos)``: the batch index and position of every canonical token.
@@ -178,7 +178,7 @@ def tap_unpacked(model, layout: Layout, padded_len: int, names: list[str], recor
                 else:
                     x = _get(value, spec.item).detach()
                     layer, site = parse_tap(name)
-                    record(name, _unpacked_to_canonical(x, spec.layout, batch, heads, index, site in HEAD_SITES))
+                    record(name, unpacked_to_canonical(x, spec.layout, batch, heads, index, site in HEAD_SITES))
             return value if changed else None
 
         return hook

@@ -77,3 +77,38 @@ class Progress:
     def _clear(self) -> None:
         print("\r" + " " * 60 + "\r", end="", file=self.stream, flush=True)
         self._shown = False
+
+
+class Steps:
+    """``[k/n] label`` lines with the time left, estimated from the steps done so far, printed
+    through a :class:`Progress` (campaigns: one step per traced run).
+
+    Args:
+        say: the :class:`Progress` that prints (and knows whether to be quiet).
+        total: number of steps; ``already``: steps done before (a resume).
+    """
+
+    def __init__(self, say: Progress, total: int, already: int = 0):
+        self.say, self.total, self.count = say, total, already
+        self.spent: list[float] = []
+        if already:
+            say(f"resuming: {already} of {total} already done")
+
+    def start(self, label: str) -> float:
+        self.say(f"[{self.count + 1}/{self.total}] {label}")
+        return time.perf_counter()
+
+    def finish(self, started: float, outcome: str) -> None:
+        self.spent.append(time.perf_counter() - started)
+        self.count += 1
+        left = self.total - self.count
+        eta = f"; {left} left, about {duration(left * sum(self.spent) / len(self.spent))}" if left else ""
+        self.say(f"      {outcome} ({duration(self.spent[-1])}{eta})")
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    m, s = divmod(seconds, 60)
+    return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
