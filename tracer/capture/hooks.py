@@ -30,13 +30,13 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from tracer.taps import EMBED, FINAL, HEAD_SITES, parse_tap
+from tracer.esm.sites import padded_sites
+from tracer.taps import HEAD_SITES, parse_tap
 from tracer.inputs.faults import Perturbation
 from tracer.inputs.packing import Layout
 
@@ -55,35 +55,8 @@ class HookPoint(nn.Module):
 # fair-esm's padded forward: where each site lives and what layout it has there.
 
 
-@dataclass(frozen=True)
-class _Site:
-    """How to reach one site in fair-esm's modules.
-
-    Attributes:
-        module: ``(model, layer) -> module`` to hook.
-        kind: ``pre`` (forward pre-hook, tensor in the inputs) or ``post`` (in the output).
-        item: index of the tensor in the args tuple / output tuple; ``None`` = output itself.
-        layout: ``TBE`` for ``(T, B, E)`` or ``BHTd`` for ``(B*H, T, d)``.
-    """
-
-    module: Callable[[nn.Module, int | None], nn.Module]
-    kind: str
-    item: int | None
-    layout: str
-
-
-_UNPACKED_SITES = {
-    "q_rope": _Site(lambda m, i: m.layers[i].self_attn.rot_emb, "post", 0, "BHTd"),
-    "k_rope": _Site(lambda m, i: m.layers[i].self_attn.rot_emb, "post", 1, "BHTd"),
-    "v": _Site(lambda m, i: m.layers[i].self_attn.v_proj, "post", None, "TBE"),
-    "ctx": _Site(lambda m, i: m.layers[i].self_attn.out_proj, "pre", 0, "TBE"),
-    "attn_out": _Site(lambda m, i: m.layers[i].self_attn, "post", 0, "TBE"),
-    "resid_mid": _Site(lambda m, i: m.layers[i].final_layer_norm, "pre", 0, "TBE"),
-    "ffn_out": _Site(lambda m, i: m.layers[i].fc2, "post", None, "TBE"),
-    "resid_out": _Site(lambda m, i: m.layers[i], "post", 0, "TBE"),
-    EMBED: _Site(lambda m, i: m.layers[0], "pre", 0, "TBE"),
-    FINAL: _Site(lambda m, i: m.emb_layer_norm_after, "post", None, "TBE"),
-}
+_UNPACKED_SITES = padded_sites()
+"""Where each tap is read in fair-esm's padded forward (:mod:`tracer.esm.sites`)."""
 
 
 def _get(value, item):
@@ -152,14 +125,14 @@ def tap_unpacked(model, layout: Layout, padded_len: int, names: list[str], recor
         layer, site = parse_tap(name)
         spec = _UNPACKED_SITES[site]
         module = spec.module(model, layer)
-        key = (id(module), spec.kind)
+        key = (id(module), spec.hook)
         modules[key] = module
         groups[key].append((name, spec, None))
     for p in perturbations:
         layer, site = parse_tap(p.tap)
         spec = _UNPACKED_SITES[site]
         module = spec.module(model, layer)
-        key = (id(module), spec.kind)
+        key = (id(module), spec.hook)
         modules[key] = module
         groups[key].insert(0, (None, spec, p))  # perturb before recording, so the tap sees it
 

@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tracer.errors import TracerError
+from tracer.esm.sites import observed_sites
 from tracer.taps import EMBED, FINAL, HEAD_SITES, SITES, parse_tap, tap_name
 
 _state = threading.local()
@@ -128,26 +129,17 @@ class _Pieces:
 
 
 def module_roles(model) -> dict[int, tuple[object, list[tuple[str, str, int]]]]:
-    """``{id(module): (module, [(hook, role, layer)])}`` for the table in the module docstring."""
+    """``{id(module): (module, [(hook, role, layer)])}`` from the observed rows of
+    :data:`tracer.esm.sites.SITES_TABLE` (the table in the module docstring)."""
     roles: dict[int, tuple[object, list]] = {}
-
-    def add(module, hook, role, layer):
-        roles.setdefault(id(module), (module, []))[1].append((hook, role, layer))
-
     last = len(model.layers) - 1
-    for i, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        add(layer.self_attn_layer_norm, "pre", EMBED if i == 0 else "resid_out", i - 1)
-        add(layer.final_layer_norm, "pre", "resid_mid", i)
-        add(attn.out_proj, "pre", "ctx", i)
-        add(attn.out_proj, "post", "attn_out", i)
-        add(layer.fc2, "post", "ffn_out", i)
-        add(attn.v_proj, "post", "v", i)  # as projected: used when the attention call is not seen
-        add(attn.rot_emb, "post", "rot_emb", i)
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-            add(proj, "pre", "layer_mark", i)
-    add(model.emb_layer_norm_after, "pre", "resid_out", last)
-    add(model.emb_layer_norm_after, "post", FINAL, -1)
+    for site in observed_sites():
+        layers = range(len(model.layers)) if site.per_layer else [last]  # a whole-model module ends the last layer
+        for i in layers:
+            layer = i + site.layer_shift
+            role = EMBED if (site.role == "resid_out" and layer < 0) else site.role
+            module = site.module(model, i)
+            roles.setdefault(id(module), (module, []))[1].append((site.hook, role, -1 if role in (EMBED, FINAL) else layer))
     return roles
 
 
