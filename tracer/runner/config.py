@@ -19,6 +19,8 @@ from tracer.inputs.faults import Faults, parse_faults
 
 REFERENCES = ("auto", "fp32", "fp64", "none")
 """``--reference`` choices: ``auto`` is fp32 for 16-bit runs and none for float32."""
+AUTO_REFERENCE = {"bfloat16": "fp32", "float16": "fp32", "float32": "none"}
+"""What ``--reference auto`` means for each run dtype (the one place this rule is written)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class RunConfig:
     @property
     def has_reference(self) -> bool:
         """Whether a reference path runs (``auto``: for 16-bit run dtypes)."""
-        return self.reference in ("fp32", "fp64") or (self.reference == "auto" and self.dtype in ("bfloat16", "float16"))
+        return resolved_reference(self.reference, self.dtype) != "none"
 
 
 def config_from_args(args, ids: list[str], command: tuple[str, ...], **extra) -> RunConfig:
@@ -115,6 +117,8 @@ def default_out(model: str, dtype: str, batch) -> Path:
     return Path("traces") / f"{output_stem(model, dtype, [s.length for s in batch])}-{stamp}.h5"
 
 
-def check_reference(reference: str) -> None:
+def resolved_reference(reference: str, dtype: str) -> str:
+    """``fp32``, ``fp64`` or ``none``: ``--reference`` with ``auto`` resolved for run dtype ``dtype``."""
     if reference not in REFERENCES:
         raise TracerError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
+    return AUTO_REFERENCE.get(dtype, "none") if reference == "auto" else reference

@@ -30,7 +30,7 @@ from tracer.inputs.faults import Faults
 from tracer.judging.pairs import default_rule
 from tracer.judging.verdict import Rule
 from tracer.runner import preflight
-from tracer.runner.config import REFERENCES, RunConfig, check_reference, default_out
+from tracer.runner.config import REFERENCES, RunConfig, default_out, resolved_reference
 from tracer.store import files
 from tracer.taps import EMBED, FINAL, SITES, parse_tap, select_taps, tap_name
 
@@ -39,11 +39,9 @@ _REF_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 def reference_dtype(reference: str, dtype: torch.dtype) -> torch.dtype | None:
     """The reference path's dtype for ``--reference`` at run dtype ``dtype`` (``None``: no reference)."""
-    check_reference(reference)
+    reference = resolved_reference(reference, dtype_name(dtype))
     if reference == "none":
         return None
-    if reference == "auto":
-        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
     ref = _REF_DTYPES[reference]
     if torch.finfo(ref).bits <= torch.finfo(dtype).bits:
         raise TracerError(
