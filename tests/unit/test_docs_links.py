@@ -98,14 +98,19 @@ def listed_layout() -> dict[str, set[str]]:
     text = (ROOT / "docs" / "development.md").read_text()
     block = text[text.index("```\ntracer/\n") + len("```\ntracer/\n"):]
     listed: dict[str, set[str]] = {"": set()}
+    package = ""
     for line in block.splitlines():
         if not line.startswith("  "):  # the next top-level folder ends tracer/
             break
         sub = re.match(r"^  (\w+)/\s+(.*)$", line)
         if sub:
-            listed[sub.group(1)] = set(re.findall(r"\b\w+\.py\b", sub.group(2)))
+            package = sub.group(1)
+            listed[package] = set(re.findall(r"\b\w+\.py\b", sub.group(2)))
         elif re.match(r"^  \w+\.py", line):
+            package = ""
             listed[""] |= set(re.findall(r"\b\w+\.py\b", line))
+        elif re.fullmatch(r"\s+(\w+\.py\s*)+", line):  # a package's list continued on the next line
+            listed[package] |= set(re.findall(r"\b\w+\.py\b", line))
     return listed
 
 
