@@ -8,7 +8,7 @@ import torch
 
 from tracer.errors import TracerError
 from tracer.esm import hf_convert
-from tracer.models import load_model
+from tracer.esm.models import load_model
 
 MODELS = ["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D"]
 

@@ -199,7 +199,7 @@ def hf_config(arch, attn_implementation: str | None = None):
 
 def architecture_of(cfg: dict, where: str):
     """The :class:`tracer.models.Architecture` of an HF ``config.json`` dict; one line if it is no ESM-2."""
-    from tracer import models
+    from tracer.esm import models
 
     for key, want in _FIXED.items():
         got = cfg.get(key, want)
@@ -267,7 +267,7 @@ def load_hf_folder(path, name: str | None = None):
     The tensors keep the file's dtype (a float32 folder gives a float32 model, as a fair-esm
     checkpoint does); the rotary buffer is kept exactly as stored.
     """
-    from tracer import models
+    from tracer.esm import models
 
     arch = folder_architecture(path)
     if name is not None and not models.architecture(name).same_shape(arch):

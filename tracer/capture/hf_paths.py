@@ -1,0 +1,254 @@
+"""Hugging Face ESM-2 as traced paths: ``--unpacked hf`` (padded) and ``--packed hf`` (padding-free).
+
+An HF path is a plug-in that tracer ships (:class:`tracer.plugin.Plugin`, run by
+:class:`tracer.paths.PluginPath`): its factory converts the run's fair-esm model to an HF
+``EsmModel`` (:mod:`tracer.esm.hf_model`) and returns the padded or padding-free forward. Its
+taps are captured by :class:`HfObserver`, the plug-in :class:`tracer.observe.Observer` with
+HF's modules in place of fair-esm's, from ONE table (:data:`HF_TAPS`); names, layouts and the
+checks for missing or partial taps are the plug-in ones::
+
+    HF module (EsmModel)                            hook    tap
+    encoder.layer.{i}.attention.LayerNorm           input   embed (i = 0) / layers.{i-1}.resid_out
+    encoder.layer.{i}.attention.self  (attention    call    layers.{i}.q_rope, k_rope, v
+       interface: query/key/value as consumed)
+    encoder.layer.{i}.attention.self.value          output  layers.{i}.v (if no attention call is seen)
+    encoder.layer.{i}.attention.output.dense        input   layers.{i}.ctx
+    encoder.layer.{i}.attention.output.dense        output  layers.{i}.attn_out
+    encoder.layer.{i}.LayerNorm                     input   layers.{i}.resid_mid
+    encoder.layer.{i}.output.dense                  output  layers.{i}.ffn_out
+    encoder.emb_layer_norm_after                    input   layers.{L-1}.resid_out
+    encoder.emb_layer_norm_after                    output  final_norm
+
+``q_rope``: HF scales q by ``head_dim ** -0.5`` before RoPE (as fair-esm does) and calls the
+attention function with ``scaling=1.0``, so the query the interface receives is already in
+fair-esm's convention; the scale argument is applied as for any kernel (a no-op at 1.0).
+
+The attention call is seen through HF's own dispatch: while any HF observer is active,
+``modeling_esm``'s ``ALL_ATTENTION_FUNCTIONS`` is a view that hands every ESM attention module
+the function HF would have chosen, wrapped to record query/key/value and call it with the very
+same arguments. The wrapper finds its observer by the attention module's identity (so two HF
+paths in lockstep threads each see their own), and the view is removed when the last observer
+leaves. Tracing leaves HF's output bitwise unchanged (tested).
+
+Example::
+
+    plugin = hf_plugin("packed", dtype_by="to", backend=attention.resolve("math", cpu, torch.float32))
+    path = HfPath(plugin, model)          # a PluginPath
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tracer.esm.attention import Backend
+from tracer.errors import TracerError
+from tracer.inputs.faults import Faults
+from tracer.capture.observe import Geometry, Observer, _scaled
+from tracer.capture.paths import PluginPath
+from tracer.capture.plugin import Plugin
+from tracer.taps import EMBED, FINAL, tap_name
+
+SPEC = "hf"
+
+HF_TAPS = (  # (module path, hook, role, layer offset); {i} is the layer, role as in observe.module_roles
+    ("encoder.layer.{i}.attention.LayerNorm", "pre", "resid_out", -1),  # embed at i = 0
+    ("encoder.layer.{i}.LayerNorm", "pre", "resid_mid", 0),
+    ("encoder.layer.{i}.attention.output.dense", "pre", "ctx", 0),
+    ("encoder.layer.{i}.attention.output.dense", "post", "attn_out", 0),
+    ("encoder.layer.{i}.output.dense", "post", "ffn_out", 0),
+    ("encoder.layer.{i}.attention.self.value", "post", "v", 0),
+    ("encoder.layer.{i}.attention.self.query", "pre", "layer_mark", 0),
+    ("encoder.layer.{i}.attention.self.key", "pre", "layer_mark", 0),
+    ("encoder.layer.{i}.attention.self.value", "pre", "layer_mark", 0),
+    ("encoder.emb_layer_norm_after", "pre", "resid_out", None),  # the last layer's output
+    ("encoder.emb_layer_norm_after", "post", FINAL, None),
+)
+ATTENTION_MODULE = "encoder.layer.{i}.attention.self"
+"""The module HF passes to the attention function: its identity gives the layer."""
+
+
+def hf_module_roles(hf) -> dict[int, tuple[object, list[tuple[str, str, int]]]]:
+    """``{id(module): (module, [(hook, role, layer)])}`` of :data:`HF_TAPS` (as ``observe.module_roles``)."""
+    roles: dict[int, tuple[object, list]] = {}
+    n = len(hf.encoder.layer)
+    for path, hook, role, offset in HF_TAPS:
+        for i in range(n) if "{i}" in path else [None]:
+            module = hf.get_submodule(path.format(i=i))
+            if offset is None:
+                layer = n - 1 if role != FINAL else -1
+            else:
+                layer = i + offset
+            site = EMBED if (role == "resid_out" and layer == -1) else role
+            roles.setdefault(id(module), (module, []))[1].append((hook, site, layer))
+    return roles
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention-interface view, shared by every active HF observer.
+
+
+class _Dispatch:
+    """Reference-counted view over ``modeling_esm.ALL_ATTENTION_FUNCTIONS`` (module docstring)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.observers: dict[int, tuple["HfObserver", int]] = {}  # id(attention module) -> (observer, layer)
+        self.saved = None
+        self.users = 0
+
+    def enter(self, observer: "HfObserver", modules: dict[int, int]) -> None:
+        from transformers.models.esm import modeling_esm
+
+        with self.lock:
+            for key, layer in modules.items():
+                if key in self.observers:
+                    raise RuntimeError("this HF model is already being traced")
+                self.observers[key] = (observer, layer)
+            if self.users == 0:
+                self.saved = modeling_esm.ALL_ATTENTION_FUNCTIONS
+                modeling_esm.ALL_ATTENTION_FUNCTIONS = _View(self.saved, self)
+            self.users += 1
+
+    def leave(self, modules: dict[int, int]) -> None:
+        from transformers.models.esm import modeling_esm
+
+        with self.lock:
+            for key in modules:
+                self.observers.pop(key, None)
+            self.users -= 1
+            if self.users == 0:
+                modeling_esm.ALL_ATTENTION_FUNCTIONS = self.saved
+                self.saved = None
+
+
+class _View:
+    """What ``EsmSelfAttention.forward`` sees as ``ALL_ATTENTION_FUNCTIONS`` while tracing."""
+
+    def __init__(self, inner, dispatch: _Dispatch):
+        self.inner, self.dispatch = inner, dispatch
+
+    def get_interface(self, attn_implementation, default):
+        fn = self.inner.get_interface(attn_implementation, default)
+        dispatch = self.dispatch
+
+        def recorded(module, query, key, value, *args, **kwargs):
+            found = dispatch.observers.get(id(module))
+            if found is not None:
+                found[0].attention_interface(found[1], query, key, value, kwargs.get("scaling"))
+            return fn(module, query, key, value, *args, **kwargs)
+
+        return recorded
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __getitem__(self, key):
+        return self.inner[key]
+
+    def __contains__(self, key):
+        return key in self.inner
+
+
+_DISPATCH = _Dispatch()
+
+
+class HfObserver(Observer):
+    """:class:`tracer.observe.Observer` over an HF ``EsmModel`` (module docstring)."""
+
+    def _install_hooks(self) -> None:
+        for module, roles in hf_module_roles(self.model).values():
+            pre = [r for r in roles if r[0] == "pre"]
+            post = [r for r in roles if r[0] == "post"]
+            if pre:
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(pre)))
+            if post:
+                self._handles.append(module.register_forward_hook(self._post_hook(post)))
+
+    def _install_attention(self) -> None:
+        self._attention_modules = {
+            id(self.model.get_submodule(ATTENTION_MODULE.format(i=i))): i for i in range(len(self.model.encoder.layer))
+        }
+        _DISPATCH.enter(self, self._attention_modules)
+
+    def __exit__(self, *exc) -> None:
+        if getattr(self, "_attention_modules", None) is not None:
+            _DISPATCH.leave(self._attention_modules)
+            self._attention_modules = None
+        super().__exit__(*exc)
+
+    def _token_major(self, name, x):
+        if self.geo.kind == "packed" and x.dim() == 3 and x.shape[0] == 1:
+            x = x[0]  # HF's padding-free row: (1, N, E) -> (N, E)
+        return super()._token_major(name, x)
+
+    def attention_interface(self, layer: int, query, key, value, scaling) -> None:
+        """HF's ``(B, H, T, d)`` query/key/value as the attention function consumes them."""
+        if not self._mine():
+            return
+
+        self.attention_calls += 1
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        self.scales[layer] = scale
+        q, k, v = (self._from_sdpa(x) for x in (query, key, value))
+        self._offer(tap_name(layer, "q_rope"), "attention", _scaled(q, scale))
+        self._offer(tap_name(layer, "k_rope"), "attention", k)
+        self._offer(tap_name(layer, "v"), "attention", v)
+
+
+class HfPath(PluginPath):
+    """An HF forward as a traced path: a :class:`PluginPath` whose taps come from :class:`HfObserver`."""
+
+    def _observe(self, batch, names, record, sources):
+        return HfObserver(self.forward.hf, self._geometry(batch), names, record, sources)
+
+    def _geometry(self, batch) -> Geometry:
+        if self.name == "packed":
+            return super()._geometry(batch)
+        m, lay = self.model, batch.layout
+        b, t = batch.padded.shape  # HF is batch-first whatever B and T are
+        flat = lay.canonical_from_padded(t).to(self._device())
+        return Geometry("padded", lay.n_tokens, m.embed_dim, m.attention_heads, flat, batch=b, padded_len=t)
+
+
+def hf_plugin(side: str, dtype_by: str = "to", attn: str = "sdpa", backend: Backend | None = None, faults: Faults | None = None) -> Plugin:
+    """The plug-in for ``--{side} hf``.
+
+    Args:
+        side: ``packed`` (padding-free) or ``unpacked`` (padded).
+        dtype_by: ``to`` (``model.to(dtype)``) or ``from_pretrained`` (``from_pretrained(dtype=...)``).
+        attn: the padded side's ``attn_implementation``: ``sdpa`` (HF's default) or ``eager``.
+        backend: the padding-free side's kernel (:func:`tracer.attention.resolve`): ``flash-attn``
+            runs HF's own ``flash_attention_2``, any other runs as :data:`tracer.esm.hf_model.VARLEN`.
+        faults: the padding-free side's ``positions_not_restarted`` / ``leak_across_sequences``.
+    """
+    from tracer.esm import hf_model
+    from tracer.esm.hf_convert import require_transformers
+
+    require_transformers(f"--{side} hf")
+    if dtype_by not in hf_model.DTYPE_BY:
+        raise TracerError(f"--hf-dtype-by {dtype_by!r}: choose one of {', '.join(hf_model.DTYPE_BY)}")
+    if attn not in hf_model.PADDED_ATTN:
+        raise TracerError(f"--hf-attn {attn!r}: choose one of {', '.join(hf_model.PADDED_ATTN)} (the padded HF path's attn_implementation)")
+    if side == "packed":
+        if backend is None:
+            raise ValueError("the padding-free HF path needs an attention backend")
+        if faults is not None and faults.layers is not None and faults.positions_not_restarted:
+            raise TracerError("--fault positions-not-restarted in --packed hf acts on every layer (HF computes RoPE once per forward); drop --fault-layers")
+        impl = "flash_attention_2" if backend.name == "flash-attn" and hf_model.flash_attention_2_available() else hf_model.VARLEN
+        label = f"hf padding-free (attn {impl}{'' if impl != hf_model.VARLEN else ' ' + backend.name}, dtype by {dtype_by})"
+    elif side == "unpacked":
+        impl = attn
+        label = f"hf padded (attn {attn}, dtype by {dtype_by})"
+    else:
+        raise ValueError(side)
+
+    def factory(model, alphabet):
+        if impl == hf_model.VARLEN:
+            hf_model.register_varlen(backend)
+        dtype = model.embed_tokens.weight.dtype
+        hf = hf_model.build_hf(model, impl, dtype_by, dtype)
+        if side == "packed":
+            return hf_model.PackedForward(hf, faults)
+        return hf_model.PaddedForward(hf, alphabet.padding_idx)
+
+    return Plugin(side, label, factory)
