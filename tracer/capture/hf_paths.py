@@ -39,6 +39,7 @@ Example::
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 from tracer.esm.attention import Backend
 from tracer.errors import TracerError
@@ -49,6 +50,37 @@ from tracer.capture.plugin import Plugin
 from tracer.taps import EMBED, FINAL, tap_name
 
 SPEC = "hf"
+FAULT_SWITCHES = ("positions_not_restarted", "leak_across_sequences")
+"""The ``--fault`` switches the padding-free HF path honours (on every layer)."""
+
+
+@dataclass(frozen=True)
+class HfPlugin(Plugin):
+    """The plug-in of an HF path; ``backend``: the padding-free side's kernel (``None`` when padded)."""
+
+    backend: Backend | None = None
+    switches: tuple[str, ...] = ()
+
+
+def is_hf(plugin) -> bool:
+    return isinstance(plugin, HfPlugin)
+
+
+def path_for(plugin: Plugin, model, pack_order: str) -> PluginPath:
+    """The traced path of a plug-in: :class:`HfPath` for an HF one, else :class:`PluginPath`."""
+    return (HfPath if is_hf(plugin) else PluginPath)(plugin, model, pack_order)
+
+
+def load_side(spec, side: str, config, device, dtype) -> Plugin | None:
+    """``--{side} SPEC``: the HF plug-in for ``hf`` (options from ``config``: ``hf_dtype_by``,
+    ``hf_attn``, ``attn``, ``faults``), else :func:`tracer.capture.plugin.load`."""
+    from tracer.capture.plugin import load
+    from tracer.esm import attention
+
+    if not (isinstance(spec, str) and spec == SPEC):
+        return load(spec, side)
+    backend = attention.resolve(config.attn, device, dtype) if side == "packed" else None
+    return hf_plugin(side, config.hf_dtype_by, config.hf_attn, backend, config.faults if side == "packed" else None)
 
 HF_TAPS = (  # (module path, hook, role, layer offset); {i} is the layer, role as in observe.module_roles
     ("encoder.layer.{i}.attention.LayerNorm", "pre", "resid_out", -1),  # embed at i = 0
@@ -198,6 +230,10 @@ class HfObserver(Observer):
 class HfPath(PluginPath):
     """An HF forward as a traced path: a :class:`PluginPath` whose taps come from :class:`HfObserver`."""
 
+    def __init__(self, plugin: Plugin, model, pack_order: str = "given"):
+        super().__init__(plugin, model, pack_order)
+        self.label = plugin.label  # "hf padded (...)": tracer's own path, not a user's plug-in
+
     def _observe(self, batch, names, record, sources):
         return HfObserver(self.forward.hf, self._geometry(batch), names, record, sources)
 
@@ -224,7 +260,7 @@ def hf_plugin(side: str, dtype_by: str = "to", attn: str = "sdpa", backend: Back
     from tracer.esm import hf_model
     from tracer.esm.hf_convert import require_transformers
 
-    require_transformers(f"--{side} hf")
+    transformers = require_transformers(f"--{side} hf")
     if dtype_by not in hf_model.DTYPE_BY:
         raise TracerError(f"--hf-dtype-by {dtype_by!r}: choose one of {', '.join(hf_model.DTYPE_BY)}")
     if attn not in hf_model.PADDED_ATTN:
@@ -232,13 +268,13 @@ def hf_plugin(side: str, dtype_by: str = "to", attn: str = "sdpa", backend: Back
     if side == "packed":
         if backend is None:
             raise ValueError("the padding-free HF path needs an attention backend")
-        if faults is not None and faults.layers is not None and faults.positions_not_restarted:
-            raise TracerError("--fault positions-not-restarted in --packed hf acts on every layer (HF computes RoPE once per forward); drop --fault-layers")
+        if faults is not None and faults.layers is not None and any(getattr(faults, k) for k in FAULT_SWITCHES):
+            raise TracerError("faults in --packed hf act on every layer (HF hands every layer the same positions and cu_seq_lens); drop the @LAYERS")
         impl = "flash_attention_2" if backend.name == "flash-attn" and hf_model.flash_attention_2_available() else hf_model.VARLEN
-        label = f"hf padding-free (attn {impl}{'' if impl != hf_model.VARLEN else ' ' + backend.name}, dtype by {dtype_by})"
+        label = f"hf padding-free (transformers {transformers.__version__}, attn {impl}{'' if impl != hf_model.VARLEN else ' ' + backend.name}, dtype by {dtype_by})"
     elif side == "unpacked":
         impl = attn
-        label = f"hf padded (attn {attn}, dtype by {dtype_by})"
+        label = f"hf padded (transformers {transformers.__version__}, attn {attn}, dtype by {dtype_by})"
     else:
         raise ValueError(side)
 
@@ -251,4 +287,4 @@ def hf_plugin(side: str, dtype_by: str = "to", attn: str = "sdpa", backend: Back
             return hf_model.PackedForward(hf, faults)
         return hf_model.PaddedForward(hf, alphabet.padding_idx)
 
-    return Plugin(side, label, factory)
+    return HfPlugin(side, label, factory, backend=backend, switches=FAULT_SWITCHES if side == "packed" else ())
