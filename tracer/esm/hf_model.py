@@ -4,7 +4,10 @@
   same tensors) into an HF ``EsmModel`` and sets its dtype the way users do, as they choose:
 
   - ``to``: built as stored (the rotary ``inv_freq`` as loaded, float32), then
-    ``model.to(dtype)``, which casts every floating tensor, **the ``inv_freq`` buffer included**;
+    ``model.to(dtype)``, which casts every floating tensor, **the ``inv_freq`` buffer included**
+    (unless the fair-esm model handed over keeps its rotary buffers in float32, the
+    experiments' ``state-rotary-fp32`` state: then the buffer is put back to the loaded float32
+    values after the cast, the fix users apply);
   - ``from_pretrained``: ``EsmModel.from_pretrained(..., dtype=dtype)`` on the same state dict,
     which casts the parameters and **keeps the buffer as stored** (float32).
 
@@ -114,6 +117,10 @@ def build_hf(model, attn: str, dtype_by: str, dtype: torch.dtype):
         hf.embeddings.position_ids = torch.arange(cfg.max_position_embeddings, device=device).expand((1, -1))
         hf.set_attn_implementation(attn)
         hf.to(device=device, dtype=dtype)  # what users write: every floating tensor, buffers too
+        if model.layers[0].self_attn.rot_emb.inv_freq.dtype == torch.float32 != dtype:
+            # the state handed over keeps the rotary buffer in float32 (tracer.experiments' state-rotary-fp32):
+            # the fix users apply after .to(dtype), the loaded values put back in float32
+            hf.rotary_embeddings.inv_freq = state["rotary_embeddings.inv_freq"].float()
     return hf.eval().requires_grad_(False)
 
 
