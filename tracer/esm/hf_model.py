@@ -61,7 +61,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         (cu, _), (max_len, _) = prepare_fa_kwargs_from_position_ids(kwargs["position_ids"])
     else:
         max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (N, H, d)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # (1, H, N, d) -> (N, H, d), as varlen kernels take it
     out = _BACKEND["kernel"].attend(q, k, v, cu.to(torch.int32), int(max_len), scaling)  # (N, H, d)
     return out.unsqueeze(0), None  # (1, N, H, d), no weights
 
