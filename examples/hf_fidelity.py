@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tracer.compare import stored_table
+from tracer.judging.tables import stored_table
 from tracer.inputs.sequences import debug_batch
 from tracer.runner.execute import RunConfig, trace
 from tracer.store.trace_file import open_trace

@@ -195,7 +195,8 @@ def add_run_options(p: argparse.ArgumentParser, dtype_help: str = "dtype of both
     m.add_argument(
         "--weights", default="auto", metavar="auto|random|PATH",
         help="auto: fair-esm's checkpoint from the torch-hub cache, else download; random: the architecture with "
-        "seeded random weights (no checkpoint needed); PATH: a fair-esm .pt file (default auto)",
+        "seeded random weights (no checkpoint needed); PATH: a fair-esm .pt file or a local Hugging Face folder "
+        "(config.json + *.safetensors) (default auto)",
     )
     m.add_argument("--seed", type=seed, default=0, help="seed of --weights random (default 0)")
     m.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
@@ -203,15 +204,23 @@ def add_run_options(p: argparse.ArgumentParser, dtype_help: str = "dtype of both
     w = p.add_argument_group("the two paths (default: tracer's own packed forward vs fair-esm's padded forward)")
     w.add_argument(
         "--packed", default="builtin", metavar="SPEC",
-        help="packed side: builtin, package.module:factory or path/to/file.py:factory, where "
+        help="packed side: builtin, hf (Hugging Face EsmModel padding-free: one row, position_ids restarting per "
+        "sequence, attention per --attn; docs/huggingface.md), package.module:factory or path/to/file.py:factory, where "
         "factory(model, alphabet) returns forward(tokens (N,), cu_seqlens (B+1,) int32, max_seqlen) -> (N, E) "
         "(the representation after emb_layer_norm_after); taps are captured from the fair-esm modules and "
         "the attention kernel it calls (docs/plugins.md)",
     )
     w.add_argument(
         "--unpacked", default="fair-esm", metavar="SPEC",
-        help="unpacked side: fair-esm (ESM2.forward, default) or a factory SPEC returning forward(tokens (B, T)) -> (B, T, E)",
+        help="unpacked side: fair-esm (ESM2.forward, default), hf (Hugging Face EsmModel, padded) or a factory SPEC "
+        "returning forward(tokens (B, T)) -> (B, T, E)",
     )
+    w.add_argument(
+        "--hf-dtype-by", choices=("to", "from_pretrained"), default="to",
+        help="how the hf paths get --dtype: to = model.to(dtype) (casts the rotary inv_freq buffer too), "
+        "from_pretrained = from_pretrained(dtype=...) (keeps the buffer float32) (default to)",
+    )
+    w.add_argument("--hf-attn", choices=("sdpa", "eager"), default="sdpa", help="attn_implementation of --unpacked hf (default sdpa, HF's default)")
 
     n = p.add_argument_group("numerics")
     n.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA if available)")

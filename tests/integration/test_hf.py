@@ -14,7 +14,7 @@ import torch
 from tests.conftest import BASE, one_line_error, run
 from tracer.capture import hf_paths
 from tracer.capture.paths import encode
-from tracer.compare import stored_table
+from tracer.judging.tables import stored_table
 from tracer.esm import attention, hf_convert
 from tracer.esm.models import load_model, set_precision
 from tracer.inputs.faults import Faults

@@ -1,11 +1,12 @@
 """Hugging Face ESM-2 as traced paths: ``--unpacked hf`` (padded) and ``--packed hf`` (padding-free).
 
-An HF path is a plug-in that tracer ships (:class:`tracer.plugin.Plugin`, run by
-:class:`tracer.paths.PluginPath`): its factory converts the run's fair-esm model to an HF
+An HF path is a plug-in that tracer ships (:class:`tracer.capture.plugin.Plugin`, run by
+:class:`tracer.capture.paths.PluginPath`): its factory converts the run's fair-esm model to an HF
 ``EsmModel`` (:mod:`tracer.esm.hf_model`) and returns the padded or padding-free forward. Its
-taps are captured by :class:`HfObserver`, the plug-in :class:`tracer.observe.Observer` with
-HF's modules in place of fair-esm's, from ONE table (:data:`HF_TAPS`); names, layouts and the
-checks for missing or partial taps are the plug-in ones::
+taps are captured by :class:`HfObserver`, the plug-in :class:`tracer.capture.observe.Observer`
+with HF's modules in place of fair-esm's, from ONE table
+(:data:`tracer.esm.sites.HF_SITES_TABLE`); names, layouts and the checks for missing or partial
+taps are the plug-in ones::
 
     HF module (EsmModel)                            hook    tap
     encoder.layer.{i}.attention.LayerNorm           input   embed (i = 0) / layers.{i-1}.resid_out
@@ -44,10 +45,11 @@ from dataclasses import dataclass
 from tracer.esm.attention import Backend
 from tracer.errors import TracerError
 from tracer.inputs.faults import Faults
-from tracer.capture.observe import Geometry, Observer, _scaled
+from tracer.capture.observe import Geometry, Observer, _scaled, module_roles
 from tracer.capture.paths import PluginPath
 from tracer.capture.plugin import Plugin
-from tracer.taps import EMBED, FINAL, tap_name
+from tracer.esm.sites import HF_SITES_TABLE
+from tracer.taps import tap_name
 
 SPEC = "hf"
 FAULT_SWITCHES = ("positions_not_restarted", "leak_across_sequences")
@@ -82,37 +84,19 @@ def load_side(spec, side: str, config, device, dtype) -> Plugin | None:
     backend = attention.resolve(config.attn, device, dtype) if side == "packed" else None
     return hf_plugin(side, config.hf_dtype_by, config.hf_attn, backend, config.faults if side == "packed" else None)
 
-HF_TAPS = (  # (module path, hook, role, layer offset); {i} is the layer, role as in observe.module_roles
-    ("encoder.layer.{i}.attention.LayerNorm", "pre", "resid_out", -1),  # embed at i = 0
-    ("encoder.layer.{i}.LayerNorm", "pre", "resid_mid", 0),
-    ("encoder.layer.{i}.attention.output.dense", "pre", "ctx", 0),
-    ("encoder.layer.{i}.attention.output.dense", "post", "attn_out", 0),
-    ("encoder.layer.{i}.output.dense", "post", "ffn_out", 0),
-    ("encoder.layer.{i}.attention.self.value", "post", "v", 0),
-    ("encoder.layer.{i}.attention.self.query", "pre", "layer_mark", 0),
-    ("encoder.layer.{i}.attention.self.key", "pre", "layer_mark", 0),
-    ("encoder.layer.{i}.attention.self.value", "pre", "layer_mark", 0),
-    ("encoder.emb_layer_norm_after", "pre", "resid_out", None),  # the last layer's output
-    ("encoder.emb_layer_norm_after", "post", FINAL, None),
-)
-ATTENTION_MODULE = "encoder.layer.{i}.attention.self"
-"""The module HF passes to the attention function: its identity gives the layer."""
+def _rows(hook_is_call: bool):
+    return [r for r in HF_SITES_TABLE if (r.hook == "call") == hook_is_call]
 
 
 def hf_module_roles(hf) -> dict[int, tuple[object, list[tuple[str, str, int]]]]:
-    """``{id(module): (module, [(hook, role, layer)])}`` of :data:`HF_TAPS` (as ``observe.module_roles``)."""
-    roles: dict[int, tuple[object, list]] = {}
-    n = len(hf.encoder.layer)
-    for path, hook, role, offset in HF_TAPS:
-        for i in range(n) if "{i}" in path else [None]:
-            module = hf.get_submodule(path.format(i=i))
-            if offset is None:
-                layer = n - 1 if role != FINAL else -1
-            else:
-                layer = i + offset
-            site = EMBED if (role == "resid_out" and layer == -1) else role
-            roles.setdefault(id(module), (module, []))[1].append((hook, site, layer))
-    return roles
+    """``{id(module): (module, [(hook, role, layer)])}`` of the hooked rows of :data:`HF_SITES_TABLE`."""
+    return module_roles(hf, _rows(False), num_layers=len(hf.encoder.layer))
+
+
+def attention_modules(hf) -> dict[int, int]:
+    """``{id(attention module): layer}``: the modules HF passes to the attention function."""
+    row = _rows(True)[0]
+    return {id(row.module(hf, i)): i for i in range(len(hf.encoder.layer))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +181,7 @@ class HfObserver(Observer):
                 self._handles.append(module.register_forward_hook(self._post_hook(post)))
 
     def _install_attention(self) -> None:
-        self._attention_modules = {
-            id(self.model.get_submodule(ATTENTION_MODULE.format(i=i))): i for i in range(len(self.model.encoder.layer))
-        }
+        self._attention_modules = attention_modules(self.model)
         _DISPATCH.enter(self, self._attention_modules)
 
     def __exit__(self, *exc) -> None:

@@ -128,13 +128,15 @@ class _Pieces:
 # Which fair-esm module gives which tap.
 
 
-def module_roles(model) -> dict[int, tuple[object, list[tuple[str, str, int]]]]:
+def module_roles(model, sites=None, num_layers: int | None = None) -> dict[int, tuple[object, list[tuple[str, str, int]]]]:
     """``{id(module): (module, [(hook, role, layer)])}`` from the observed rows of
-    :data:`tracer.esm.sites.SITES_TABLE` (the table in the module docstring)."""
+    :data:`tracer.esm.sites.SITES_TABLE` (the table in the module docstring), or from ``sites``
+    (rows of another model's table, e.g. Hugging Face's, with its ``num_layers``)."""
     roles: dict[int, tuple[object, list]] = {}
-    last = len(model.layers) - 1
-    for site in observed_sites():
-        layers = range(len(model.layers)) if site.per_layer else [last]  # a whole-model module ends the last layer
+    n = len(model.layers) if num_layers is None else num_layers
+    last = n - 1
+    for site in observed_sites() if sites is None else sites:
+        layers = range(n) if site.per_layer else [last]  # a whole-model module ends the last layer
         for i in layers:
             layer = i + site.layer_shift
             role = EMBED if (site.role == "resid_out" and layer < 0) else site.role

@@ -19,6 +19,7 @@ import torch
 from esm.model.esm2 import ESM2
 
 from tracer.errors import TracerError
+from tracer.esm import hf_convert
 from tracer.esm.checkpoints import first_line
 from tracer.esm.weights_cache import join_cache_write
 from tracer.esm.catalogue import ARCHITECTURES, Architecture, DEFAULT_MODEL, MODEL_URL, Weights, architecture  # noqa: F401 (re-exported)
@@ -41,7 +42,8 @@ def load_model(
         name: fair-esm model name; ``None`` means the default (``esm2_t36_3B_UR50D``), or the
             checkpoint's own architecture when ``weights`` is a path.
         weights: ``auto`` (torch-hub cache, else fair-esm's download), ``random`` (seeded init of
-            the named architecture) or a path to a fair-esm ``.pt`` checkpoint.
+            the named architecture), a path to a fair-esm ``.pt`` checkpoint, or a local Hugging
+            Face folder (``config.json`` + ``*.safetensors``, :mod:`tracer.esm.hf_convert`).
         seed: RNG seed for ``random``.
         trust_checkpoint: allow arbitrary pickled objects in the checkpoint.
         progress: optional ``callable(str)`` for status lines.
@@ -50,6 +52,9 @@ def load_model(
         ``(model, architecture, weights record)``; the model is in eval mode with no gradients.
     """
     say = progress or (lambda msg: None)
+    if weights not in ("random", "auto") and hf_convert.is_hf_folder(weights):
+        say(f"reading Hugging Face folder {weights} (converted to fair-esm's ESM2 for the fair-esm paths and the reference)")
+        return hf_convert.load_hf_folder(weights, name)
     if weights == "random":
         arch = architecture(name or DEFAULT_MODEL)
         cached = random_cache_path(arch, seed)
@@ -111,6 +116,8 @@ def peek_architecture(name: str | None, weights: str, trust_checkpoint: bool = F
     A checkpoint path without a model name has its config read (memory-mapped: the tensors'
     bytes are not read).
     """
+    if weights not in ("random", "auto") and hf_convert.is_hf_folder(weights):
+        return hf_convert.folder_architecture(weights)
     if weights in ("random", "auto") or name is not None:
         return architecture(name or DEFAULT_MODEL)
     return checkpoint_architecture(read_checkpoint(weights, trust=trust_checkpoint), weights)

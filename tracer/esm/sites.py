@@ -77,6 +77,36 @@ SITES_TABLE: tuple[ModuleSite, ...] = (
 """Every module <-> tap row (see :class:`ModuleSite`); a test pins it."""
 
 
+def _hf(path: str):
+    return lambda m, i: m.encoder.layer[i].get_submodule(path)
+
+
+def _hf_model(path: str):
+    return lambda m, i: m.get_submodule(path)
+
+
+HF_SITES_TABLE: tuple[ModuleSite, ...] = (
+    # Hugging Face transformers' EsmModel (5.x), read by the observer of the hf paths
+    # (:mod:`tracer.capture.hf_paths`); layouts: BTE = (B, T, E), BHTd = (B, H, T, d) (batch 1: padding-free)
+    ModuleSite("resid_out", _hf("attention.LayerNorm"), "pre", 0, "BTE", layer_shift=-1, observed=True),  # embed at layer 0
+    ModuleSite("q_rope", _hf("attention.self"), "call", 1, "BHTd", observed=True),  # the attention function's query
+    ModuleSite("k_rope", _hf("attention.self"), "call", 2, "BHTd", observed=True),  # ... its key
+    ModuleSite("v", _hf("attention.self"), "call", 3, "BHTd", observed=True),  # ... its value
+    ModuleSite("v", _hf("attention.self.value"), "post", None, "BTE", observed=True),  # if no attention call is seen
+    ModuleSite("ctx", _hf("attention.output.dense"), "pre", 0, "BTE", observed=True),
+    ModuleSite("attn_out", _hf("attention.output.dense"), "post", None, "BTE", observed=True),
+    ModuleSite("resid_mid", _hf("LayerNorm"), "pre", 0, "BTE", observed=True),
+    ModuleSite("ffn_out", _hf("output.dense"), "post", None, "BTE", observed=True),
+    ModuleSite("resid_out", _hf_model("encoder.emb_layer_norm_after"), "pre", 0, "BTE", observed=True, per_layer=False),
+    ModuleSite(FINAL, _hf_model("encoder.emb_layer_norm_after"), "post", None, "BTE", observed=True, per_layer=False),
+    ModuleSite("layer_mark", _hf("attention.self.query"), "pre", 0, "BTE", observed=True),
+    ModuleSite("layer_mark", _hf("attention.self.key"), "pre", 0, "BTE", observed=True),
+    ModuleSite("layer_mark", _hf("attention.self.value"), "pre", 0, "BTE", observed=True),
+)
+"""Hugging Face ``EsmModel``'s module <-> tap rows (``hook`` ``call``: the arguments the attention
+function receives from that module, ``item`` = their position: module, query, key, value)."""
+
+
 def padded_sites() -> dict:
     """``{site: ModuleSite}`` for the hooks on fair-esm's padded forward."""
     return {s.role: s for s in SITES_TABLE if s.padded}

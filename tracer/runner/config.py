@@ -47,12 +47,17 @@ class RunConfig:
         faults: planted bugs (validation of the tool).
         rule: verdict rule; ``None`` = noise rule with a reference, plain rule without.
         command: the command line, recorded in the trace.
-        packed: the packed side: ``builtin``, ``package.module:factory``, ``file.py:factory`` or
+        packed: the packed side: ``builtin``, ``hf`` (Hugging Face ``EsmModel`` padding-free,
+            :mod:`tracer.capture.hf_paths`), ``package.module:factory``, ``file.py:factory`` or
             a factory callable (:mod:`tracer.capture.plugin`).
-        unpacked: the unpacked side: ``fair-esm`` (its own ``ESM2.forward``) or a plug-in SPEC.
+        unpacked: the unpacked side: ``fair-esm`` (its own ``ESM2.forward``), ``hf`` (``EsmModel``
+            padded) or a plug-in SPEC.
         max_batch_tokens: padded-token budget of fair-esm's unpacked and reference sub-batches
             (:mod:`tracer.inputs.batching`); ``0`` = the batch as given; ``None`` = one batch if the
             pre-flight estimate fits in free memory, else the largest budget that does.
+        hf_dtype_by: how the ``hf`` paths get the run dtype: ``to`` (``model.to(dtype)``, casts the
+            rotary ``inv_freq`` buffer) or ``from_pretrained`` (``dtype=``, keeps it float32).
+        hf_attn: ``attn_implementation`` of the padded ``hf`` path: ``sdpa`` or ``eager``.
     """
 
     model: str | None = None
@@ -78,6 +83,8 @@ class RunConfig:
     packed: object = BUILTIN["packed"]
     unpacked: object = BUILTIN["unpacked"]
     max_batch_tokens: int | None = None
+    hf_dtype_by: str = "to"
+    hf_attn: str = "sdpa"
 
     @property
     def has_reference(self) -> bool:
@@ -100,6 +107,7 @@ def config_from_args(args, ids: list[str], command: tuple[str, ...], **extra) ->
         model=args.model, weights=args.weights, seed=args.seed, trust_checkpoint=args.trust_checkpoint,
         device=args.device, dtype=args.dtype, attn=args.attn, packed_rope=args.packed_rope, reference=args.reference,
         pack_order=get("pack_order", "given"), packed=args.packed, unpacked=args.unpacked,
+        hf_dtype_by=get("hf_dtype_by", "to"), hf_attn=get("hf_attn", "sdpa"),
         faults=parse_faults(get("fault", []), ids),
         rule=rule, command=command, **extra,
     )

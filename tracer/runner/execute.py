@@ -42,7 +42,8 @@ import torch
 from tracer.capture.collector import Assembler, Collector
 from tracer.capture.lockstep import Stream, run_lockstep, tap_group
 from tracer.capture.observe import missing_advice
-from tracer.capture.paths import Batch, BuiltinPackedPath, FairEsmPath, PluginPath, TracedPath, encode, reference_path
+from tracer.capture import hf_paths
+from tracer.capture.paths import Batch, BuiltinPackedPath, FairEsmPath, TracedPath, encode, reference_path
 from tracer.env import dtype_name, environment, return_freed_memory, tool_version
 from tracer.errors import TracerError
 from tracer.esm import models
@@ -209,11 +210,11 @@ def build_paths(run: _Run) -> tuple[list[TracedPath], PackedESM2 | None]:
         packed_builtin = PackedESM2(model, plan.backend, rope=config.packed_rope, faults=config.faults)
         packed = BuiltinPackedPath(packed_builtin)
     else:
-        packed = PluginPath(plan.plugins["packed"], model, config.pack_order)
+        packed = hf_paths.path_for(plan.plugins["packed"], model, config.pack_order)
     if plan.plugins["unpacked"] is None:
         unpacked = FairEsmPath(model, config.faults)
     else:
-        unpacked = PluginPath(plan.plugins["unpacked"], model, config.pack_order)
+        unpacked = hf_paths.path_for(plan.plugins["unpacked"], model, config.pack_order)
     return [unpacked, packed], packed_builtin
 
 

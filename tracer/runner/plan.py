@@ -25,7 +25,7 @@ from tracer.env import dtype_name, resolve_device, resolve_dtype
 from tracer.errors import TracerError
 from tracer.esm import attention, models
 from tracer.esm.packed_forward import ROPE_MODES
-from tracer.capture.plugin import load as load_plugin
+from tracer.capture import hf_paths
 from tracer.inputs.faults import Faults
 from tracer.judging.pairs import default_rule
 from tracer.judging.verdict import Rule
@@ -100,9 +100,9 @@ def make_plan(config: RunConfig, sequences: list, say, arch: models.Architecture
     if config.packed_rope not in ROPE_MODES:
         raise TracerError(f"unknown --packed-rope {config.packed_rope!r}; choose one of {', '.join(ROPE_MODES)}")
     ref_dtype = reference_dtype(config.reference, dtype)
-    plugins = {side: load_plugin(getattr(config, side), side) for side in ("packed", "unpacked")}  # fail fast
+    plugins = {side: hf_paths.load_side(getattr(config, side), side, config, device, dtype) for side in ("packed", "unpacked")}  # fail fast
     check_plugin_options(config, plugins)
-    backend = attention.resolve(config.attn, device, dtype) if plugins["packed"] is None else attention.PLUGIN
+    backend = attention.resolve(config.attn, device, dtype) if plugins["packed"] is None else getattr(plugins["packed"], "backend", None) or attention.PLUGIN
     if config.local and ref_dtype is None:
         say("--local without a reference splits packed-vs-unpacked error only")
     _check_output_options(config)
@@ -160,8 +160,9 @@ def check_plugin_options(config: RunConfig, plugins: dict) -> None:
     f = config.faults
     switches = [k for k, v in f.to_dict().items() if v is True]
     if plugins["packed"] is not None:
-        if switches:
-            raise TracerError(f"--fault {switches[0].replace('_', '-')} is a switch of the built-in packed path; it does not apply to --packed {plugins['packed'].label}")
+        foreign = [k for k in switches if k not in getattr(plugins["packed"], "switches", ())]  # --packed hf honours two
+        if foreign:
+            raise TracerError(f"--fault {foreign[0].replace('_', '-')} is a switch of the built-in packed path; it does not apply to --packed {plugins['packed'].label}")
         if f.perturbations_of("packed"):
             raise TracerError("perturbations of the packed side need the built-in packed path (perturb the unpacked side, or edit your plug-in)")
     if plugins["unpacked"] is not None and f.perturbations_of("unpacked"):
