@@ -143,3 +143,20 @@ def test_cli_without_transformers_is_one_line(tmp_path, capsys, monkeypatch):
 )
 def test_hf_option_errors_are_one_line(tmp_path, capsys, argv, fragment):
     one_line_error(capsys, run_main, [*BASE, *argv, "--out", str(tmp_path / "t.h5")], fragment)
+
+
+def test_float32_rotary_state_keeps_hf_inv_freq_float32(small_model):
+    """The model state with float32 rotary buffers (experiments' state-rotary-fp32) is the fix
+    applied after ``.to(dtype)``: HF's buffer holds the loaded values in float32; as loaded, the
+    cast rounds it."""
+    from tracer.esm import hf_model
+    from tracer.esm.models import loaded_inv_freq
+
+    model, _ = small_model
+    set_precision(model, CPU, torch.bfloat16)
+    loaded = loaded_inv_freq(model.layers[0].self_attn.rot_emb)
+    assert hf_model.build_hf(model, "sdpa", "to", torch.bfloat16).rotary_embeddings.inv_freq.dtype == torch.bfloat16
+    for layer in model.layers:
+        layer.self_attn.rot_emb.inv_freq = loaded_inv_freq(layer.self_attn.rot_emb).float()
+    kept = hf_model.build_hf(model, "sdpa", "to", torch.bfloat16).rotary_embeddings.inv_freq
+    assert kept.dtype == torch.float32 and torch.equal(kept, loaded.float())
