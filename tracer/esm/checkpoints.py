@@ -15,6 +15,7 @@ import torch
 from esm.model.esm2 import ESM2
 
 from tracer.errors import TracerError
+from tracer.esm import integrity
 from tracer.esm.catalogue import ARCHITECTURES, MODEL_URL, Architecture, empty_esm2
 from tracer.esm.precision import canonical_inv_freq, remember_loaded
 
@@ -25,12 +26,17 @@ def hub_checkpoint_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
 
 
-def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
-    """Read a fair-esm checkpoint file without copying it into memory twice.
+def read_checkpoint(path: str | Path, trust: bool = False, tensors: bool = True, zip_crcs: bool = True) -> dict:
+    """Read a fair-esm checkpoint file once, into private memory, and check what was read.
 
-    The file is memory-mapped (``mmap=True``) and unpickled with ``weights_only=True``, allowing
-    only ``argparse.Namespace`` beyond tensors and containers (ESM-2 checkpoints keep their
-    config in one). ``trust=True`` falls back to a full unpickle for files that need more.
+    Unpickled with ``weights_only=True``, allowing only ``argparse.Namespace`` beyond tensors and
+    containers (ESM-2 checkpoints keep their config in one); ``trust=True`` falls back to a full
+    unpickle for files that need more. The tensors are read into the process's own memory, not
+    memory-mapped: a file overwritten or truncated during the run cannot change the weights
+    under it or kill it with ``SIGBUS`` (:mod:`tracer.esm.integrity`). ``zip_crcs``: check every
+    tensor's bytes as loaded against the zip's CRC-32 (from memory, no second read; the random
+    cache checks its own digest instead). ``tensors=False``: only the config is wanted
+    (memory-mapped, no tensor byte is read or checked).
     """
     path = Path(path)
     if not path.exists():
@@ -39,12 +45,10 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
         raise TracerError(f"checkpoint {str(path)!r} is a directory, not a .pt file")
     if not os.access(path, os.R_OK):
         raise TracerError(f"checkpoint {str(path)!r} is not readable (permissions)")
-    mmap = zipfile.is_zipfile(path)  # mmap needs the zip format of torch >= 1.6
-    if mmap:
-        check_zip_crcs(path)
+    is_zip = zipfile.is_zipfile(path)  # mmap and CRCs need the zip format of torch >= 1.6
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=not trust)
+            data = torch.load(path, map_location="cpu", mmap=is_zip and not tensors, weights_only=not trust)
     except pickle.UnpicklingError as e:
         detail = re.search(r"Unsupported (global|class)[^\n]*", str(e))
         if trust or detail is None:  # not about foreign objects: the bytes are not a checkpoint
@@ -55,24 +59,11 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
         ) from None
     except Exception as e:  # whatever torch.load raises on a file that is not a checkpoint
         raise TracerError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first_line(e)})") from None
+    if is_zip and tensors and zip_crcs:
+        integrity.check_zip_records(path, data)  # torch.load does not check them
     if not isinstance(data, dict):
         raise TracerError(f"{path} is not a fair-esm checkpoint (top level is {type(data).__name__})")
     return data
-
-
-def check_zip_crcs(path: Path) -> None:
-    """Raise :class:`TracerError` unless every member of the checkpoint's zip matches its CRC-32.
-
-    ``torch.load(mmap=True)`` does not check them, so a flipped byte in a weight would load
-    silently. This reads the file once (the memory-mapped load then finds it in the page cache).
-    """
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
-        raise TracerError(f"{path} is damaged ({first_line(e)})") from None
-    if bad is not None:
-        raise TracerError(f"{path} is damaged: {bad} fails its zip CRC-32 check (a corrupted download or disk?)")
 
 
 def checkpoint_architecture(data: dict, path: str | Path) -> Architecture:

@@ -23,8 +23,8 @@ from tracer.esm import hf_convert
 from tracer.esm.checkpoints import first_line
 from tracer.esm.weights_cache import join_cache_write
 from tracer.esm.catalogue import ARCHITECTURES, Architecture, DEFAULT_MODEL, MODEL_URL, Weights, architecture  # noqa: F401 (re-exported)
-from tracer.esm.checkpoints import hub_checkpoint_path, read_checkpoint, check_zip_crcs, checkpoint_architecture, build_from_checkpoint, download_checkpoint  # noqa: F401 (re-exported)
-from tracer.esm.weights_cache import build_random, random_cache_path, save_random_cache, wait_for_cache_writes  # noqa: F401 (re-exported)
+from tracer.esm.checkpoints import hub_checkpoint_path, read_checkpoint, checkpoint_architecture, build_from_checkpoint, download_checkpoint  # noqa: F401 (re-exported)
+from tracer.esm.weights_cache import build_random, random_cache_key, random_cache_path, read_random_cache, save_random_cache, wait_for_cache_writes  # noqa: F401 (re-exported)
 from tracer.esm.precision import remember_loaded, loaded_inv_freq, canonical_inv_freq, reset_rotary_caches, set_precision, to_device_pinned, upcast_twin, strict_fp32_matmul  # noqa: F401 (re-exported)
 
 
@@ -61,15 +61,15 @@ def load_model(
         join_cache_write(cached)  # this process may still be writing it
         if cached is not None and cached.exists():
             say(f"loading {arch.name} seeded random weights (seed {seed}) from the cache {cached}")
-            try:
-                model = build_from_checkpoint(read_checkpoint(cached), arch, cached)
+            data, why = read_random_cache(cached, arch, seed)
+            if data is not None:
+                model = build_from_checkpoint(data, arch, cached)
                 return model, arch, Weights("random", None, seed, fingerprint(model))
-            except TracerError:  # a damaged cache entry is rebuilt, never trusted
-                say(f"cache entry {cached} is unreadable; building the weights again")
+            say(f"cache entry {cached} is not used ({why}); building the weights again")  # rebuilt, never trusted
         say(f"building {arch.name} ({arch.describe()}) with seeded random weights (seed {seed})")
         model = build_random(arch, seed)
         if cached is not None:
-            save_random_cache(model, arch, cached, background=True)  # the run does not wait for the disk
+            save_random_cache(model, arch, cached, background=True, seed=seed)  # the run does not wait for the disk
         return model, arch, Weights("random", None, seed, fingerprint(model))
 
     if weights == "auto":
@@ -120,7 +120,7 @@ def peek_architecture(name: str | None, weights: str, trust_checkpoint: bool = F
         return hf_convert.folder_architecture(weights)
     if weights in ("random", "auto") or name is not None:
         return architecture(name or DEFAULT_MODEL)
-    return checkpoint_architecture(read_checkpoint(weights, trust=trust_checkpoint), weights)
+    return checkpoint_architecture(read_checkpoint(weights, trust=trust_checkpoint, tensors=False), weights)
 
 
 def fingerprint(model: ESM2) -> str:

@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 from esm.model.esm2 import ESM2
 
+from tracer.errors import TracerError
+from tracer.esm import integrity
 from tracer.esm.catalogue import Architecture, empty_esm2
+from tracer.esm.checkpoints import read_checkpoint
 from tracer.esm.precision import remember_loaded
 
 
@@ -41,20 +44,27 @@ def random_cache_path(arch: Architecture, seed: int) -> Path | None:
         return None
     if root is None:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tracer")
+    return Path(root) / "random-weights" / f"esm2-{random_cache_key(arch, seed)}.pt"
+
+
+def random_cache_key(arch: Architecture, seed: int) -> str:
+    """What the seeded random weights depend on: shape, seed, fair-esm and torch versions."""
     from importlib.metadata import version
 
-    key = (
+    return (
         f"{arch.num_layers}L-{arch.embed_dim}E-{arch.heads}H-td{int(arch.token_dropout)}-seed{seed}-"
         f"fair-esm{version('fair-esm')}-torch{torch.__version__.split('+')[0]}"
     )
-    return Path(root) / "random-weights" / f"esm2-{key}.pt"
 
 
 _CACHE_WRITES: dict[Path, threading.Thread] = {}
 
 
-def save_random_cache(model: ESM2, arch: Architecture, path: Path, background: bool = False) -> None:
-    """Store ``model``'s weights at ``path`` in fair-esm's checkpoint format, atomically.
+def save_random_cache(model: ESM2, arch: Architecture, path: Path, background: bool = False, seed: int = 0) -> None:
+    """Store ``model``'s weights (seeded random init ``seed``) at ``path`` in fair-esm's
+    checkpoint format, atomically, with tracer's digest record
+    (:func:`tracer.esm.integrity.cache_record`: the cache key and every tensor's CRC-32, checked
+    on the bytes loaded before the file is used: :func:`read_random_cache`).
 
     Written to a temporary file in the same folder, fsynced and renamed, so a reader never sees a
     partial file; any failure (disk full, read-only cache) leaves no file and only costs the
@@ -68,12 +78,12 @@ def save_random_cache(model: ESM2, arch: Architecture, path: Path, background: b
         "model": {f"encoder.{k}": v for k, v in model.state_dict().items()},
         "cfg": {"model": {"encoder_layers": arch.num_layers, "encoder_embed_dim": arch.embed_dim,
                           "encoder_attention_heads": arch.heads, "token_dropout": arch.token_dropout}},
-        "tracer": {"random_seed_cache": True},
     }
+    key = random_cache_key(arch, seed)
     if not background:
-        _write_atomically(data, path)
+        _write_cache(data, key, path)
         return
-    thread = threading.Thread(target=_write_atomically, args=(data, path), name="tracer-weights-cache")
+    thread = threading.Thread(target=_write_cache, args=(data, key, path), name="tracer-weights-cache")
     thread.start()
     _CACHE_WRITES[path] = thread
 
@@ -88,6 +98,23 @@ def wait_for_cache_writes() -> None:
     """Wait until this process's background cache writes are on disk."""
     while _CACHE_WRITES:
         _CACHE_WRITES.popitem()[1].join()
+
+
+def read_random_cache(path: Path, arch: Architecture, seed: int) -> tuple[dict | None, str | None]:
+    """``(checkpoint data, None)`` if the cache entry at ``path`` is what tracer wrote for
+    ``arch`` and ``seed`` (its digest checked on the bytes loaded), else ``(None, why not)``."""
+    try:
+        data = read_checkpoint(path, zip_crcs=False)  # its own digest is checked instead
+    except TracerError:
+        return None, "it is unreadable"
+    state = data.get("model")
+    why = integrity.check_cache_record(data.get("tracer"), state if isinstance(state, dict) else {}, random_cache_key(arch, seed))
+    return (data, None) if why is None else (None, why)
+
+
+def _write_cache(data: dict, key: str, path: Path) -> None:
+    data["tracer"] = integrity.cache_record(data["model"], key)
+    _write_atomically(data, path)
 
 
 def _write_atomically(data: dict, path: Path) -> None:

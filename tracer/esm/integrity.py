@@ -1,0 +1,149 @@
+"""Weights read from disk are checked on the bytes the run uses, read once.
+
+Checkpoints are read into private memory (``torch.load(mmap=False)``): a run never computes from
+a file mapping that another process could overwrite (values change under the run) or truncate
+(``SIGBUS``). Then the bytes already in memory are checked, with no second read of the file:
+
+* **a checkpoint** (``--weights`` or fair-esm's hub cache): the CRC-32 of every tensor storage,
+  computed from memory, against the CRC-32 its zip directory records for that record
+  (:func:`check_zip_records`); the small non-tensor records (``data.pkl``, ``version``) are read
+  and CRC-checked by :mod:`zipfile`. A damaged byte, or a file that changed while it was read,
+  is refused.
+* **tracer's random-weights cache**: the digest tracer wrote into the file
+  (:func:`cache_record`), which binds the file to its cache key (shape, seed, fair-esm and torch
+  versions) and lists every tensor's dtype, shape and CRC-32 (:func:`check_cache_record`).
+
+The digest record, ``data["tracer"]`` of a cache file (format ``tracer-random-cache-v1``)::
+
+    {"random_seed_cache": True,
+     "format": "tracer-random-cache-v1",
+     "key": "6L-320E-20H-td1-seed0-fair-esm2.0.0-torch2.5.1",   # models.random_cache_key
+     "tensors": {"embed_tokens.weight": ["float32", [33, 320], 1234567890], ...}}  # name: dtype, shape, CRC-32
+
+A reader trusts the file when the key is the one it asked for, the names are exactly those of
+``data["model"]`` (prefix ``encoder.`` removed) and every dtype, shape and CRC-32 of the
+tensors as loaded matches. CRC-32 (``zlib.crc32`` over the tensor's bytes) finds every
+accidental change (a flipped bit, a NaN written in, a layer copied or scaled, a file swapped),
+not a deliberate forgery; it runs at the speed of memory, in parallel threads.
+
+Example::
+
+    data = torch.load(path, mmap=False, weights_only=True)
+    check_zip_records(path, data)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from tracer.errors import TracerError
+
+CACHE_FORMAT = "tracer-random-cache-v1"
+_DATA_RECORD = re.compile(r"(^|/)data/\d+$")
+
+
+def tensor_bytes(t: torch.Tensor):
+    """The bytes of a CPU tensor, as a NumPy ``uint8`` view (a copy only if not contiguous)."""
+    x = t.detach().contiguous().reshape(-1)
+    return x.view(torch.uint8).numpy() if x.numel() else b""
+
+
+def _storage_bytes(storage: torch.UntypedStorage):
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,)).numpy()
+
+
+def crc32s(buffers: list) -> list[int]:
+    """``zlib.crc32`` of each buffer, in parallel threads (zlib releases the GIL)."""
+    workers = max(1, min(8, os.cpu_count() or 1, len(buffers)))
+    if workers == 1:
+        return [zlib.crc32(b) for b in buffers]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(zlib.crc32, buffers))
+
+
+def tensor_crc32(t: torch.Tensor) -> int:
+    """CRC-32 of a CPU tensor's bytes as stored."""
+    return zlib.crc32(tensor_bytes(t))
+
+
+def cache_record(state: dict[str, torch.Tensor], key: str) -> dict:
+    """The digest record written into a random-weights cache file (module docstring)."""
+    names = list(state)
+    crcs = crc32s([tensor_bytes(state[n]) for n in names])
+    return {
+        "random_seed_cache": True,
+        "format": CACHE_FORMAT,
+        "key": key,
+        "tensors": {n: [str(state[n].dtype).removeprefix("torch."), list(state[n].shape), c] for n, c in zip(names, crcs)},
+    }
+
+
+def check_cache_record(record, state: dict[str, torch.Tensor], key: str) -> str | None:
+    """``None`` if ``state`` (as loaded) is what ``record`` says tracer wrote for ``key``; else why not."""
+    if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT:
+        return "it has no tracer digest (written by another tool or an older tracer)"
+    if record.get("key") != key:
+        return f"it was written for {record.get('key')!r}, not {key!r}"
+    listed = record.get("tensors")
+    if not isinstance(listed, dict) or set(listed) != set(state):
+        return "its tensors are not the ones its digest lists"
+    names = list(state)
+    crcs = crc32s([tensor_bytes(state[n]) for n in names])
+    for name, crc in zip(names, crcs):
+        t = state[name]
+        if listed[name] != [str(t.dtype).removeprefix("torch."), list(t.shape), crc]:
+            return f"{name} does not match its digest"
+    return None
+
+
+def _storages(obj, out: dict) -> None:
+    """Every distinct tensor storage reachable in a loaded checkpoint object."""
+    if isinstance(obj, torch.Tensor):
+        s = obj.untyped_storage()
+        out.setdefault(s.data_ptr(), s)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _storages(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _storages(v, out)
+
+
+def check_zip_records(path, data) -> None:
+    """Raise :class:`TracerError` unless the tensors of ``data`` (loaded from ``path``, not
+    memory-mapped) are byte for byte the records the zip directory lists, by size and CRC-32.
+
+    The CRC-32 of each storage is computed from memory (no second read of the tensor bytes);
+    the non-tensor records are small and are read and checked by :mod:`zipfile`.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+            for info in members:
+                if not _DATA_RECORD.search(info.filename):
+                    z.read(info)  # zipfile checks the CRC-32 of what it reads
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+        raise TracerError(f"{path} is damaged ({_first_line(e)})") from None
+    expected = Counter((i.file_size, i.CRC) for i in members if _DATA_RECORD.search(i.filename))
+    found: dict = {}
+    _storages(data, found)
+    storages = list(found.values())
+    got = Counter(zip((s.nbytes() for s in storages), crc32s([_storage_bytes(s) for s in storages])))
+    if got != expected:
+        bad = sum((got - expected).values()) or sum((expected - got).values())
+        raise TracerError(
+            f"{path} is damaged: {bad} of its {sum(expected.values())} weight records fail their zip CRC-32 check "
+            "(a corrupted download or disk, or the file changed while it was read)"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
