@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tracer.capture import isolation
 from tracer.capture.collector import Assembler, Collector
 from tracer.capture.lockstep import Stream, run_lockstep, tap_group
 from tracer.capture.observe import missing_advice
@@ -108,6 +109,7 @@ class _Run:
     ledger: Ledger = field(default_factory=Ledger)
     notes: list[str] = field(default_factory=list)
     base_allocated: int | None = None
+    guard: isolation.Guard | None = None  # set when a plug-in is given the shared model
 
     def clock(self, name: str):
         return _clock(self.plan.device, self.timings, name)
@@ -128,6 +130,7 @@ def trace(config: RunConfig, sequences: list[Sequence], quiet: bool = False, loa
     t_load = time.perf_counter()
     model, arch, weights = loaded if loaded is not None else models.load_model(config.model, config.weights, config.seed, config.trust_checkpoint, progress=say)
     timings["load"] = time.perf_counter() - t_load
+    isolation.refuse_changed(model)  # a plug-in of an earlier run changed this model object
     batch = encode(sequences, model.alphabet, config.pack_order)
     validate_faults(config.faults, batch, arch.num_layers)
     run = _Run(plan, model, weights, batch, say, timings)
@@ -146,9 +149,12 @@ def execute(run: _Run, writer: TraceWriter, determinism: dict) -> Outcome:
     try:
         with run.clock("to_device"):
             models.set_precision(run.model, plan.device, plan.dtype, progress=say)
+        run.guard = isolation.guard_for(run.model, plan.plugins)  # plug-ins cannot change the shared model
         paths, packed_builtin = build_paths(run)
         with run.clock("probe"):
             names, missing = _settle_taps(paths, list(plan.names), say)
+        if run.guard is not None:
+            run.guard.check("probe forward")
         for side, gone in missing.items():
             run.notes += [f"{side} path: {line}" for line in missing_advice(gone)]
         meta = run_meta(run, names, paths, determinism)
@@ -203,7 +209,8 @@ def commit(run: _Run, outcome: Outcome, writer: TraceWriter) -> Result:
 
 
 def build_paths(run: _Run) -> tuple[list[TracedPath], PackedESM2 | None]:
-    """The two compared paths (built-in or plug-in), on the model in the run dtype."""
+    """The two compared paths (built-in or plug-in), on the model in the run dtype; the model is
+    checked after each plug-in's factory (:mod:`tracer.capture.isolation`)."""
     plan, model, config = run.plan, run.model, run.plan.config
     packed_builtin = None
     if plan.plugins["packed"] is None:
@@ -211,10 +218,12 @@ def build_paths(run: _Run) -> tuple[list[TracedPath], PackedESM2 | None]:
         packed = BuiltinPackedPath(packed_builtin)
     else:
         packed = hf_paths.path_for(plan.plugins["packed"], model, config.pack_order)
+        run.guard.check("factory", isolation.who({"packed": plan.plugins["packed"]}))
     if plan.plugins["unpacked"] is None:
         unpacked = FairEsmPath(model, config.faults)
     else:
         unpacked = hf_paths.path_for(plan.plugins["unpacked"], model, config.pack_order)
+        run.guard.check("factory", isolation.who({"unpacked": plan.plugins["unpacked"]}))
     return [unpacked, packed], packed_builtin
 
 
@@ -288,6 +297,9 @@ def _forwards(run: _Run, paths: list[TracedPath], names: list[str], collector: C
     with run.clock("paths"):
         seconds, outputs = _lockstep(run, paths, names, collector, pooled)
     run.timings.update(seconds)
+    if run.guard is not None:
+        run.guard.check("forward")
+        run.timings["isolation"] = run.guard.seconds
     for output in outputs:
         run.notes += output.notes
         for note in output.notes:
