@@ -107,7 +107,7 @@ def _storages(obj, out: dict) -> None:
     """Every distinct tensor storage reachable in a loaded checkpoint object."""
     if isinstance(obj, torch.Tensor):
         s = obj.untyped_storage()
-        out.setdefault(s.data_ptr(), s)
+        out.setdefault(s._cdata, s)  # one entry per storage (empty ones share address 0)
     elif isinstance(obj, dict):
         for v in obj.values():
             _storages(v, out)
