@@ -87,6 +87,8 @@ def unpacked_to_canonical(x: torch.Tensor, layout: str, batch: int, heads: int, 
 
 def _perturbed_padded(x: torch.Tensor, layout: str, batch: int, heads: int, p: Perturbation) -> torch.Tensor:
     x = x.clone()
+    if p.whole_tap:
+        return add_to_every_row(x, p)
     if layout == "BHTd":
         view = x.view(batch, heads, x.shape[1], x.shape[2])[p.sequence, :, p.token, :]  # (H, d)
     else:
@@ -101,6 +103,20 @@ def perturbation_delta(row: torch.Tensor, p: Perturbation) -> torch.Tensor:
     r = torch.randn(row.shape, generator=g, dtype=torch.float64)
     r = r / r.norm()
     return (p.eps * row.double().norm().cpu() * r).to(device=row.device, dtype=row.dtype)
+
+
+def add_to_every_row(x: torch.Tensor, p: Perturbation) -> torch.Tensor:
+    """``x`` (any layout, last dim = features) with ``p.eps * |row|`` added to every last-dim row
+    in a seeded direction (in place when ``x`` is contiguous). Rows partition each token's values
+    (a token or one head of it), so every token's relative L2 error is exactly ``eps``."""
+    x = x.contiguous()  # a copy already (the hooks clone); contiguous so rows are a view
+    rows = x.view(-1, x.shape[-1])  # (R, F)
+    g = torch.Generator().manual_seed(p.seed)
+    r = torch.randn(rows.shape, generator=g, dtype=torch.float64)
+    r = r / r.norm(dim=1, keepdim=True)
+    size = rows.double().norm(dim=1, keepdim=True).cpu()  # (R, 1), float64
+    rows.add_((p.eps * size * r).to(device=x.device, dtype=x.dtype))
+    return x
 
 
 @contextlib.contextmanager
@@ -200,6 +216,8 @@ def tap_packed(packed, layout: Layout, names: list[str], record: Record, perturb
             if threading.get_ident() != owner:
                 return None
             out = output.clone()
+            if p.whole_tap:
+                return add_to_every_row(out, p)
             out[row].add_(perturbation_delta(out[row], p))
             return out
 

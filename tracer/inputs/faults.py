@@ -20,7 +20,8 @@ from tracer.errors import TracerError
 
 @dataclass(frozen=True)
 class Perturbation:
-    """Add a relative error ``eps`` (in L2 norm, in a seeded random direction) to one token.
+    """Add a relative error ``eps`` (in L2 norm, in a seeded random direction) to one token, or
+    to every token of the tap (``whole_tap``: each token gets exactly ``eps``).
 
     Attributes:
         path: ``packed`` or ``unpacked``.
@@ -29,6 +30,8 @@ class Perturbation:
         token: token position within that sequence (0 = ``<cls>``).
         eps: size of the change relative to the token's norm.
         seed: seed of the direction.
+        whole_tap: perturb every token of the tap (padding included on the padded side, where
+            it is masked); ``sequence`` and ``token`` are then ignored.
     """
 
     path: str
@@ -37,6 +40,7 @@ class Perturbation:
     token: int
     eps: float = 0.05
     seed: int = 0
+    whole_tap: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,8 @@ class Faults:
 
     def describe(self) -> str:
         on = [k for k, v in asdict(self).items() if v is True]
-        on += [f"perturb {p.path} {p.tap} seq {p.sequence} token {p.token} eps {p.eps}" for p in self.perturbations]
+        on += [f"perturb {p.path} {p.tap} " + ("every token" if p.whole_tap else f"seq {p.sequence} token {p.token}") + f" eps {p.eps}"
+               for p in self.perturbations]
         if self.layers is not None and on:
             on.append(f"layers {list(self.layers)}")
         return ", ".join(on) or "none"
