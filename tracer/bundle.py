@@ -34,6 +34,7 @@ import numpy as np
 from tracer.cli import Parser, main_guard
 from tracer.judging.tables import stored_table, summarize
 from tracer.errors import TracerError
+from tracer.judging.pairs import control_label
 from tracer.plot import plot_trace, use_file_backend
 from tracer.store import files
 from tracer.store.trace_file import TraceWriter, open_trace, reading, to_numpy
@@ -152,6 +153,7 @@ def report_markdown(summary: dict, meta: dict, trace, slim_taps: list[str], plot
         ("packed RoPE / pack order", f"{meta['packed_rope']} / {meta['pack_order']}"),
         ("planted faults", meta.get("faults_description", "none")),
         *[(f"{side} path", info["label"]) for side, info in (meta.get("paths") or {}).items()],
+        *([("control (sets the noise level)", control_label(meta["control"]))] if meta.get("control") else []),
         *[(f"not captured ({side})", f"{len(gone)} taps: {', '.join(gone[:4])}{', ...' if len(gone) > 4 else ''}") for side, gone in (meta.get("uncaptured") or {}).items()],
         ("device", f"{env['device']} ({env['device_name']})"),
         ("python / torch / fair-esm", f"{env['python']} / {env['torch']} / {env['fair_esm']}"),

@@ -40,7 +40,7 @@ from tracer.esm.packed_forward import PackedESM2
 from tracer.capture.paths import Batch
 from tracer.capture.hooks import unpacked_to_canonical, tap_unpacked
 from tracer.taps import tap_name
-from tracer.judging.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, Summary, judge
+from tracer.judging.verdict import CONTROL, PAIR, ROUNDED, VS_REF, MetricsTable, Rule, Summary, judge
 
 ROPE_FP32_CHANGE = (
     "fair-esm's rot_emb.forward shadowed for this run only: positions, inverse frequencies (the "
@@ -136,7 +136,9 @@ def rope_probe(model, batch: Batch, backend: Backend, rope_mode: str, faults: Fa
         rope = bad if faults.at(layer) else good
         to_packed, to_canon = lay.canonical_row_of_packed.to(device), lay.packed_row_of_canonical.to(device)
 
-        def packed_rotate(x):  # canonical -> packed order -> rotate -> canonical
+        control = PackedESM2(model, backend, rope="fp32", faults=Faults()).rope_tables(lay, device)[layer][0]
+
+        def packed_rotate(x, rope=rope):  # canonical -> packed order -> rotate -> canonical
             return rope(x.index_select(0, to_packed)).index_select(0, to_canon)
 
         rq, rk = _rope_forward_fp32(model.layers[layer].self_attn.rot_emb, q.double(), k.double())  # float64 reference
@@ -144,6 +146,7 @@ def rope_probe(model, batch: Batch, backend: Backend, rope_mode: str, faults: Fa
         sides = {
             "unpacked": dict(zip(names, (canon(uq), canon(uk)))),
             "packed": dict(zip(names, (packed_rotate(canon(q)), packed_rotate(canon(k))))),
+            "control": dict(zip(names, (packed_rotate(canon(q), control), packed_rotate(canon(k), control)))),
             "reference": dict(zip(names, (canon(rq), canon(rk)))),
         }
     return _judge(_pairs(sides, names, dtype), names, batch, "float64")
@@ -155,6 +158,7 @@ def _pairs(sides: dict, names: list[str], dtype: torch.dtype) -> dict:
         PAIR: {n: _rows(sides["packed"][n], sides["unpacked"][n]) for n in names},
         VS_REF["packed"]: {n: _rows(sides["packed"][n], ref[n]) for n in names},
         VS_REF["unpacked"]: {n: _rows(sides["unpacked"][n], ref[n]) for n in names},
+        CONTROL: {n: _rows(sides["control"][n], ref[n]) for n in names},
         ROUNDED: {n: _rows(round_to(ref[n], dtype), ref[n]) for n in names},
     }
 
@@ -182,7 +186,7 @@ def attention_probe(model, batch: Batch, backend: Backend, faults: Faults, layer
     lay = batch.layout
     names = [tap_name(i, s) for i in layers for s in ("q_rope", "k_rope", "v", "ctx")]
     ctx_names = [tap_name(i, "ctx") for i in layers]
-    sides: dict[str, dict] = {"unpacked": {}, "packed": {}, "reference": {}}
+    sides: dict[str, dict] = {"unpacked": {}, "packed": {}, "control": {}, "reference": {}}
     with torch.inference_mode():
         got = _capture(model, batch, layers[0], names)
         device = got[names[0]].device
@@ -199,6 +203,8 @@ def attention_probe(model, batch: Batch, backend: Backend, faults: Faults, layer
             ctx_p = backend.attend(qp, kp, vp, cu_k, max_k, scale)  # (N, H, d) pack order
             sides["packed"][tap_name(i, "ctx")] = ctx_p.index_select(0, to_canon)
             sides["unpacked"][tap_name(i, "ctx")] = got[tap_name(i, "ctx")]
+            control = backend.attend(qp, kp, vp, cu, lay.max_seqlen, 1.0)  # the same kernel, no fault
+            sides["control"][tap_name(i, "ctx")] = control.index_select(0, to_canon)
             sides["reference"][tap_name(i, "ctx")] = _attention_fp64(qp, kp, vp, cu).index_select(0, to_canon)
     return _judge(_pairs(sides, ctx_names, dtype), ctx_names, batch, "float64")
 

@@ -258,6 +258,8 @@ class Summary:
               if c.get("packed_path") or c.get("unpacked_path") else []),
             f"rule      {self.rule.describe()}" + (f"; reference {c['reference']}" if c.get("reference") else "; no reference"),
         ]
+        if c.get("control") and self.rule.kind == "noise":
+            lines.append(f"control   {c['control']}")
         if c.get("faults") and c["faults"] != "none":
             lines.append(f"faults    PLANTED: {c['faults']}")
         fd = self.first_divergence

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 
 NOISE_FACTOR = 8.0
-"""K of the noise rule (docs/verdict.md: fault-free runs gave at most 2.8 x the noise level; 8 leaves margin)."""
+"""K of the noise rule (docs/control-path.md: a healthy path's worst token is at most 2.8 x the
+control's noise level on 8M-150M; a shared cause such as fair-esm's bfloat16 RoPE is 16 x K)."""
 
 
 PLAIN_MAX_REL_L2 = {"float32": 1e-3, "float64": 1e-6, "float16": 1e-2, "bfloat16": 5e-2}

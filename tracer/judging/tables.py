@@ -24,8 +24,8 @@ from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
 from tracer.judging.metrics import METRICS, metrics_table, norms, token_metrics
 from tracer.store.trace_file import Trace, from_numpy
-from tracer.judging.pairs import PAIRS, batch_description, default_rule, summary_context
-from tracer.judging.verdict import PAIR, ROUNDED, MetricsTable, Rule, Summary, judge
+from tracer.judging.pairs import batch_description, control_pairs, default_rule, summary_context
+from tracer.judging.verdict import CONTROL, PAIR, ROUNDED, MetricsTable, Rule, Summary, judge
 
 
 def stored_table(trace: Trace) -> MetricsTable:
@@ -175,7 +175,7 @@ def recomputed_table(trace: Trace, workers: int | None = None) -> MetricsTable:
         p, n = missing[0]
         raise TracerError(f"{trace.path} is missing tap {n} of path {p} ({len(missing)} taps missing in all)")
     run_dtype = resolve_dtype(trace.meta["dtype"])
-    pairs = {k: v for k, v in PAIRS.items() if set(v) <= set(paths)}
+    pairs = {k: v for k, v in control_pairs(trace.meta).items() if set(v) <= set(paths)}
     if "reference" in paths:
         pairs[ROUNDED] = ("rounded", "reference")
     stored = [{p: _layout(trace, p, n) for p in paths} for n in names]  # h5py metadata, main thread only
@@ -216,6 +216,11 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
     rule = rule or default_rule(meta["dtype"], has_ref)
     if rule.kind == "noise" and not has_ref:
         raise TracerError(f"{trace.path} has no reference path, so the noise rule cannot apply; use --rule plain")
+    if rule.kind == "noise" and not table.has(CONTROL):
+        raise TracerError(
+            f"{trace.path} has no control-path metrics (written before tracer's control path set the noise level), "
+            "so the noise rule cannot judge it; use --rule plain, or re-run the trace"
+        )
     ids = [s.id for s in trace.sequences]
     seqs = trace.sequences
     batch = batch_description(seqs, meta.get("pack_order", "given"))

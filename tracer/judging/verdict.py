@@ -5,19 +5,25 @@ Input is a :class:`MetricsTable` (per pair, per tap, per token metrics); output 
 
 **noise** (default whenever a reference was traced). The noise level of tap ``s`` is::
 
-    noise(s) = max( floor(s), min( median_t e_packed(s, t), median_t e_unpacked(s, t) ) )
+    noise(s) = max( floor(s), median_t e_control(s, t) )
 
-where ``e_path(s, t)`` is the relative L2 error of that path against the high-precision
-reference at token ``t``, and ``floor(s)`` is the median relative L2 error of the reference
-itself rounded to the run dtype (the error of merely *storing* the exact values in bfloat16).
-The typical (median over tokens) error of the better path is what a healthy low-precision
-implementation achieves at that tap; taking the better path keeps a fault in one path, or one
-that hits a minority of tokens, from raising the bar. A token *diverges* (packed vs unpacked)
-when ``rel_l2(packed, unpacked) > K * noise(s)``, and a path *drifts* when
-``e_path(s, t) > K * noise(s)``. This is the rule of FlashAttention's own test suite (the
-kernel's error against a float32 reference may be at most 2x the error of a plain
-low-precision implementation), applied per token against a median, with ``K`` calibrated on
-fault-free runs (docs/verdict.md).
+where ``e_control(s, t)`` is the relative L2 error, at token ``t``, of the *control path*
+against the high-precision reference, and ``floor(s)`` is the median relative L2 error of the
+reference itself rounded to the run dtype (the error of merely *storing* the exact values in
+the run dtype). The control is tracer's own healthy low-precision forward (the built-in packed
+forward with no faults, in the run dtype, fair-esm's numerics op for op, RoPE in float32 on the
+reference's own frequencies, the run's attention kernel; :mod:`tracer.capture.control`); it runs
+in lockstep with the paths under test, or *is* the packed path when that path is exactly this
+configuration. So the bar is set by an independent healthy implementation, never by the paths
+it judges: an error that both paths carry over every token cannot raise it. The median over
+tokens makes the level independent of batch size and sequence length (a maximum grows with
+both), so one ``K`` serves every run. A token *diverges* (packed vs unpacked) when
+``rel_l2(packed, unpacked) > K * noise(s)``, and a path *drifts* when ``e_path(s, t) > K *
+noise(s)``. This is the rule of FlashAttention's own test suite (the kernel's error against a
+float32 reference may be at most 2x the error of a plain low-precision implementation),
+applied per token against a median, with ``K`` calibrated on fault-free and shared-cause runs
+(docs/control-path.md). A trace without the control's metrics (written before the control path
+existed) cannot be judged by this rule.
 
 **plain**: ``rel_l2(packed, unpacked) > max_rel_l2`` (per-dtype default, per-site overrides),
 optionally also ``cos < min_cos``.
@@ -40,6 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tracer.errors import TracerError
 from tracer.judging.records import Attribution, LocalLayer, Point, Summary, TapStats, _num, _order  # noqa: F401 (records re-exported)
 from tracer.judging.rule import NOISE_FACTOR, PLAIN_MAX_REL_L2, Rule  # noqa: F401 (re-exported)
 from tracer.taps import parse_tap
@@ -48,6 +55,10 @@ PAIR = "packed-vs-unpacked"
 
 
 VS_REF = {"packed": "packed-vs-reference", "unpacked": "unpacked-vs-reference"}
+
+
+CONTROL = "control-vs-reference"
+"""The control path (a healthy run-dtype forward) against the reference: sets the noise level."""
 
 
 ROUNDED = "rounded-vs-reference"
@@ -95,14 +106,22 @@ def _median(rows: np.ndarray) -> np.ndarray:
 
 
 def thresholds(table: MetricsTable, rule: Rule) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Per-tap relative-L2 bars ``(T,)``, and the noise level and floor they came from (noise rule)."""
+    """Per-tap relative-L2 bars ``(T,)``, and the noise level and floor they came from (noise rule).
+
+    Noise rule: ``noise = max(floor, median_t e_control)`` (module docstring); a tap where the
+    control has no finite token falls back to the floor. Raises :class:`TracerError` for a
+    table without the control's metrics (a trace written before the control path).
+    """
     floor = _median(table.pairs[ROUNDED]["rel_l2"]) if table.has(ROUNDED) else None
     if rule.kind == "noise":
-        if not (table.has(VS_REF["packed"]) and table.has(VS_REF["unpacked"])):
-            raise ValueError("the noise rule needs a reference")
-        # fmin/fmax skip NaN: a path with no finite token at a tap (all NaN) does not set the bar
-        typical = np.fmin(_median(table.pairs[VS_REF["packed"]]["rel_l2"]), _median(table.pairs[VS_REF["unpacked"]]["rel_l2"]))
-        noise = np.nan_to_num(np.fmax(floor if floor is not None else np.nan, typical), nan=0.0)
+        if not table.has(CONTROL):
+            raise TracerError(
+                "the noise rule needs the control path's metrics (control-vs-reference), which this trace lacks "
+                "(written before tracer had a control path, or without a reference); use --rule plain, or re-run it"
+            )
+        healthy = _median(table.pairs[CONTROL]["rel_l2"])  # (T,) the control's typical error, float64
+        # fmax skips NaN: a control with no finite token at a tap leaves the floor
+        noise = np.nan_to_num(np.fmax(floor if floor is not None else np.nan, healthy), nan=0.0)
         return rule.noise_factor * noise, noise, floor
     sites = [parse_tap(n)[1] for n in table.taps]
     bars = np.array([rule.site_max_rel_l2.get(s, rule.max_rel_l2) for s in sites], dtype=np.float64)
@@ -113,7 +132,7 @@ def noise_ratios(table: MetricsTable, rule: Rule | None = None) -> dict[str, dic
     """For calibrating K: per pair, the largest ``rel_l2 / noise(tap)`` over taps and tokens, and where."""
     _, noise, _ = thresholds(table, rule or Rule())
     out = {}
-    for pair in (PAIR, *VS_REF.values()):
+    for pair in (PAIR, *VS_REF.values(), CONTROL):
         if table.has(pair):
             with np.errstate(all="ignore"):
                 r = table.pairs[pair]["rel_l2"] / noise[:, None]

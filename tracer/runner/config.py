@@ -58,6 +58,8 @@ class RunConfig:
         hf_dtype_by: how the ``hf`` paths get the run dtype: ``to`` (``model.to(dtype)``, casts the
             rotary ``inv_freq`` buffer) or ``from_pretrained`` (``dtype=``, keeps it float32).
         hf_attn: ``attn_implementation`` of the padded ``hf`` path: ``sdpa`` or ``eager``.
+        plugin_state: the model state a plug-in's factory receives
+            (:data:`tracer.capture.plugin_state.STATES`); the other paths always run on the model as loaded.
     """
 
     model: str | None = None
@@ -85,6 +87,7 @@ class RunConfig:
     max_batch_tokens: int | None = None
     hf_dtype_by: str = "to"
     hf_attn: str = "sdpa"
+    plugin_state: str = "as-loaded"
 
     @property
     def has_reference(self) -> bool:

@@ -12,7 +12,8 @@
      the padded batch, or on length-sorted sub-batches, in the run dtype; or a plug-in),
      ``packed`` (the built-in packed forward or a plug-in, in the run dtype) and ``reference``
      (fair-esm's forward on an up-cast twin of the run-dtype weights, float32/float64, one layer
-     at a time, TF32 off);
+     at a time, TF32 off), plus the ``control`` (:mod:`tracer.capture.control`: tracer's healthy
+     packed forward that sets the noise level) unless the packed path is its configuration;
    * run them in lockstep, layer by layer (:mod:`tracer.capture.lockstep`); after each layer its
      pairs' per-token sums are computed on the run device (on exact float32 up-casts) and the
      layer's taps are let go (full tensors stream to the file meanwhile);
@@ -41,10 +42,12 @@ import torch
 
 from tracer.capture import isolation
 from tracer.capture.collector import Assembler, Collector
+from tracer.capture.control import Control
 from tracer.capture.lockstep import Stream, run_lockstep, tap_group
 from tracer.capture.observe import missing_advice
 from tracer.capture import hf_paths
 from tracer.capture.paths import Batch, BuiltinPackedPath, FairEsmPath, TracedPath, encode, reference_path
+from tracer.capture.plugin_state import plugin_view
 from tracer.env import dtype_name, environment, return_freed_memory, tool_version
 from tracer.errors import TracerError
 from tracer.esm import models
@@ -52,7 +55,7 @@ from tracer.esm.packed_forward import PackedESM2
 from tracer.inputs.sequences import Sequence
 from tracer.judging.embeddings import POOLING, mean_pool
 from tracer.judging.pairs import batch_description, summary_context
-from tracer.judging.verdict import MetricsTable, Summary, judge
+from tracer.judging.verdict import CONTROL, VS_REF, MetricsTable, Summary, judge
 from tracer.runner import preflight
 from tracer.runner.config import RunConfig
 from tracer.runner.local import local_table
@@ -209,22 +212,25 @@ def commit(run: _Run, outcome: Outcome, writer: TraceWriter) -> Result:
 
 
 def build_paths(run: _Run) -> tuple[list[TracedPath], PackedESM2 | None]:
-    """The two compared paths (built-in or plug-in), on the model in the run dtype; the model is
-    checked after each plug-in's factory (:mod:`tracer.capture.isolation`)."""
+    """The two compared paths (built-in or plug-in), on the model in the run dtype, then the
+    control when it runs as a separate stream. A plug-in's factory receives the model state of
+    ``config.plugin_state`` (:mod:`tracer.capture.plugin_state`: a view, the model itself
+    untouched); the model is checked after each plug-in's factory (:mod:`tracer.capture.isolation`)."""
     plan, model, config = run.plan, run.model, run.plan.config
     packed_builtin = None
     if plan.plugins["packed"] is None:
         packed_builtin = PackedESM2(model, plan.backend, rope=config.packed_rope, faults=config.faults)
         packed = BuiltinPackedPath(packed_builtin)
     else:
-        packed = hf_paths.path_for(plan.plugins["packed"], model, config.pack_order)
+        packed = hf_paths.path_for(plan.plugins["packed"], plugin_view(model, config.plugin_state), config.pack_order)
         run.guard.check("factory", isolation.who({"packed": plan.plugins["packed"]}))
     if plan.plugins["unpacked"] is None:
         unpacked = FairEsmPath(model, config.faults)
     else:
-        unpacked = hf_paths.path_for(plan.plugins["unpacked"], model, config.pack_order)
+        unpacked = hf_paths.path_for(plan.plugins["unpacked"], plugin_view(model, config.plugin_state), config.pack_order)
         run.guard.check("factory", isolation.who({"unpacked": plan.plugins["unpacked"]}))
-    return [unpacked, packed], packed_builtin
+    control = plan.control.path(model) if plan.separate_control else None
+    return [unpacked, packed] + ([control] if control is not None else []), packed_builtin
 
 
 def _settle_taps(paths: list[TracedPath], names: list[str], say) -> tuple[list[str], dict[str, list[str]]]:
@@ -269,6 +275,8 @@ def run_meta(run: _Run, names: list[str], paths: list[TracedPath], determinism: 
         "environment": environment(plan.device),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "paths": {p.name: {"label": p.label} for p in paths},
+        **({"control": plan.control.to_meta()} if plan.control is not None else {}),
+        "plugin_state": config.plugin_state,
         **determinism,  # what torch reports during the run
         "batching": {**plan.estimate.plan.to_meta(), "chosen_by": "user" if config.max_batch_tokens is not None else "pre-flight"},
         "preflight": plan.estimate.to_dict(),
@@ -277,7 +285,7 @@ def run_meta(run: _Run, names: list[str], paths: list[TracedPath], determinism: 
 
 def _collector(run: _Run, names: list[str], async_writer) -> Collector:
     plan = run.plan
-    sides = ["unpacked", "packed"] + (["reference"] if plan.ref_dtype is not None else [])
+    sides = ["unpacked", "packed"] + (["control"] if plan.separate_control else []) + (["reference"] if plan.ref_dtype is not None else [])
     keep = {"unpacked", "reference"} if plan.config.local else set()
     return Collector(names, sides, plan.dtype, async_writer, keep=keep, ledger=run.ledger)
 
@@ -293,6 +301,7 @@ def _forwards(run: _Run, paths: list[TracedPath], names: list[str], collector: C
         say(f"{path.name} path: {path.describe(batch)}, {plan.dtype_name}")
     if plan.ref_dtype is not None:
         say(f"reference path: fair-esm forward in {dtype_name(plan.ref_dtype)} on up-cast weights (one layer at a time)")
+        say(f"control path (sets the noise level): {_describe_control(plan.control)}")
     say(f"running the paths in lockstep, layer by layer{_describe_split(plan, batch)}")
     with run.clock("paths"):
         seconds, outputs = _lockstep(run, paths, names, collector, pooled)
@@ -310,8 +319,26 @@ def _forwards(run: _Run, paths: list[TracedPath], names: list[str], collector: C
         with run.clock("local"):
             local = local_table(paths, batch, names, collector, plan.dtype)
     with run.clock("metrics"):
-        table = MetricsTable(names, collector.table(), local, collector.present())
+        pairs, present = _with_control(collector, plan.control)
+        table = MetricsTable(names, pairs, local, present)
     return pooled, table, local
+
+
+def _describe_control(control: Control) -> str:
+    if control.reused:
+        return f"the packed path under test is its configuration (fp32 RoPE, attention {control.backend.name}, no faults): reused"
+    return f"built-in packed forward, fp32 RoPE on the loaded frequencies, attention {control.backend.name}, no faults, in lockstep"
+
+
+def _with_control(collector: Collector, control: Control | None) -> tuple[dict, dict]:
+    """The collector's pairs and their ``present`` flags, with :data:`CONTROL` taken from the
+    packed path's error when the packed path is the control (same arrays, nothing recomputed)."""
+    pairs, present = collector.table(), collector.present()
+    if control is not None and control.reused and VS_REF["packed"] in pairs:
+        pairs[CONTROL] = pairs[VS_REF["packed"]]
+        if VS_REF["packed"] in present:
+            present[CONTROL] = present[VS_REF["packed"]]
+    return pairs, present
 
 
 def _judge(run: _Run, meta: dict, table: MetricsTable) -> Summary:

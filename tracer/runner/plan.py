@@ -26,6 +26,7 @@ from tracer.errors import TracerError
 from tracer.esm import attention, models
 from tracer.esm.packed_forward import ROPE_MODES
 from tracer.capture import hf_paths
+from tracer.capture.control import Control, plan_control
 from tracer.inputs.faults import Faults
 from tracer.judging.pairs import default_rule
 from tracer.judging.verdict import Rule
@@ -66,6 +67,8 @@ class Plan:
         out: the trace path.
         plugins: ``{"packed"|"unpacked": Plugin or None}`` (``None``: the built-in path).
         estimate: the pre-flight estimate (memory, disk, sub-batches).
+        control: the control path that sets the noise level (:mod:`tracer.capture.control`;
+            ``None`` without a reference).
     """
 
     config: RunConfig
@@ -80,10 +83,16 @@ class Plan:
     out: Path
     plugins: MappingProxyType
     estimate: preflight.Estimate | None = None
+    control: Control | None = None
 
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
+
+    @property
+    def separate_control(self) -> bool:
+        """Whether the control runs as its own lockstep stream (not reused from the packed path)."""
+        return self.control is not None and not self.control.reused
 
     @property
     def can_split(self) -> bool:
@@ -103,6 +112,8 @@ def make_plan(config: RunConfig, sequences: list, say, arch: models.Architecture
     plugins = {side: hf_paths.load_side(getattr(config, side), side, config, device, dtype) for side in ("packed", "unpacked")}  # fail fast
     check_plugin_options(config, plugins)
     backend = attention.resolve(config.attn, device, dtype) if plugins["packed"] is None else getattr(plugins["packed"], "backend", None) or attention.PLUGIN
+    control_backend = attention.resolve("auto", device, dtype) if backend is attention.PLUGIN else backend
+    control = plan_control(plugins["packed"] is None, config.packed_rope, config.faults, control_backend, ref_dtype is not None)
     if config.local and ref_dtype is None:
         say("--local without a reference splits packed-vs-unpacked error only")
     _check_output_options(config)
@@ -114,7 +125,8 @@ def make_plan(config: RunConfig, sequences: list, say, arch: models.Architecture
     if rule.kind == "noise" and ref_dtype is None:
         raise TracerError("the noise-aware rule needs a reference; use --reference fp32/fp64 or --rule plain")
     out = Path(config.out) if config.out else default_out(arch.name, dtype_name(dtype), sequences)
-    plan = Plan(config, tuple(sequences), device, dtype, ref_dtype, backend, arch, tuple(names), rule, out, MappingProxyType(plugins))
+    plan = Plan(config, tuple(sequences), device, dtype, ref_dtype, backend, arch, tuple(names), rule, out, MappingProxyType(plugins),
+                control=control)
     plan = replace(plan, estimate=_preflight(plan))
     say(plan.estimate.describe())
     return plan
@@ -148,6 +160,7 @@ def _preflight(plan: Plan) -> preflight.Estimate:
             arch, tokens, chosen, plan.dtype, plan.ref_dtype,
             metrics_only=config.metrics_only if metrics_only is None else metrics_only,
             local=config.local, max_batch_tokens=(mbt or 0) if plan.can_split else 0, device=plan.device.type,
+            control=plan.separate_control,
         )
 
     free = preflight.free_resources(plan.out, plan.device)
@@ -169,6 +182,8 @@ def check_plugin_options(config: RunConfig, plugins: dict) -> None:
         raise TracerError("perturbations of the unpacked side need fair-esm's own forward (--unpacked fair-esm)")
     if plugins["unpacked"] is not None and config.max_batch_tokens:
         raise TracerError("--max-batch-tokens splits fair-esm's padded forward; an unpacked plug-in gets the batch as it is (use --max-batch-tokens 0)")
+    if config.plugin_state != "as-loaded" and plugins["packed"] is None and plugins["unpacked"] is None:
+        raise TracerError(f"plug-in state {config.plugin_state!r} changes what a plug-in's factory receives; this run has no plug-in")
     if config.local and (plugins["packed"] is not None or plugins["unpacked"] is not None):
         raise TracerError("--local re-runs single layers of the built-in paths; it does not apply to a plug-in")
 

@@ -138,13 +138,14 @@ def estimate(
     local: bool = False,
     max_batch_tokens: int = 0,
     device: str = "cpu",
+    control: bool = False,
 ) -> Estimate:
     """The :class:`Estimate` of one run (see the module docstring)."""
     from tracer.capture.lockstep import tap_group
 
     n, e, h = sum(n_tokens), arch.embed_dim, arch.heads
     b, rb = _bytes(dtype), (_bytes(ref_dtype) if ref_dtype is not None else 0)
-    path_bytes = [b, b] + ([rb] if ref_dtype is not None else [])  # unpacked, packed[, reference]
+    path_bytes = [b, b] + ([b] if control else []) + ([rb] if ref_dtype is not None else [])  # unpacked, packed[, control][, reference]
     tap = n * e  # elements per tap
     per_group: dict[int, int] = {}
     for name in names:
@@ -153,7 +154,7 @@ def estimate(
     layer_taps = max(per_group.values()) if per_group else 0
     layer_tap_bytes = layer_taps * tap * sum(path_bytes)
 
-    pairs = 1 + (3 if ref_dtype is not None else 0)  # packed-vs-unpacked [, two vs reference, rounded floor]
+    pairs = 1 + (4 if ref_dtype is not None else 0)  # packed-vs-unpacked [, three vs reference, rounded floor]
     if local:
         pairs += 3 if ref_dtype is not None else 1
     metrics = pairs * len(METRICS) * len(names) * n * 4
@@ -164,7 +165,7 @@ def estimate(
     # a layer's low-precision taps wait for the reference; reference taps are let go as their
     # pairs are computed (the collector computes every 8 pending pairs, 3 per reference tap)
     if ref_dtype is not None:
-        held = layer_taps * tap * 2 * b + -(-layer_taps // 2) * tap * rb
+        held = layer_taps * tap * (3 if control else 2) * b + -(-layer_taps // 2) * tap * rb
     else:
         held = layer_taps * tap * b + min(layer_taps, 8) * tap * b
     if not metrics_only:
@@ -182,11 +183,11 @@ def estimate(
     for k, group in enumerate(plan.groups):
         t = max(n_tokens[i] for i in group)
         p = plan.padded_tokens(k)
-        for bb in path_bytes[:1] + path_bytes[2:]:  # the padded paths: unpacked, reference
+        for bb in [b] + ([rb] if ref_dtype is not None else []):  # the padded paths: unpacked, reference
             steps.append(len(group) * h * t * t * attn_per_score[bb] + 8 * p * e * bb)
             steps.append(12 * p * e * bb)
-    steps.append(12 * n * e * b)  # packed forward
-    parked = 2 * e * (plan.total_padded_tokens * (b + rb) + n * b)  # residual streams of the waiting paths
+    steps.append(12 * n * e * b)  # packed forward (and the control's)
+    parked = 2 * e * (plan.total_padded_tokens * (b + rb) + n * b * (2 if control else 1))  # residual streams of the waiting paths
     workspace = max(steps) + parked
 
     load = total * 4  # float32 as stored / as initialised

@@ -11,7 +11,7 @@ Layout (schema version 1)::
     /sequences/offsets         (S+1,) int64 canonical row where each sequence starts (tokens = L+2)
     /sequences/pack_order      (S,) int64   canonical index of the j-th packed sequence
     /sequences/cu_seqlens      (S+1,) int32 boundaries of the packed stream, as the kernel saw them
-    /taps/<path>/<tap>         (N, ...)     path in unpacked|packed|reference, tap like
+    /taps/<path>/<tap>         (N, ...)     path in unpacked|packed|control|reference, tap like
                                             "layers.3.q_rope"; rows are canonical tokens;
                                             attrs: dtype, encoding
     /metrics/taps              (T,) str     tap names, walk order
@@ -36,7 +36,10 @@ written: tap data on the host bytes the writer already holds, strings joined by 
 ``meta`` and ``summary`` records carry ``meta_crc32``/``summary_crc32``. Readers verify the small
 datasets and records on open and a tap's data whenever it is read whole (:meth:`Trace.tap`,
 the comparator); :meth:`Trace.verify` checks everything (``tracer.compare --verify``). Schema-1
-files have no checksums and are read unverified.
+files have no checksums and are read unverified. Schema 3 adds the control path
+(:mod:`tracer.capture.control`): its taps under ``/taps/control`` when it ran as a separate stream,
+its metrics as ``/metrics/control-vs-reference`` always; older traces are read, but only the
+plain rule can judge them.
 
 Example::
 
@@ -65,8 +68,9 @@ from tracer.errors import TracerError
 from tracer.inputs.packing import Layout
 
 FORMAT = "tracer-trace"
-SCHEMA_VERSION = 2
-"""2: per-dataset ``crc32`` checksums (1: no checksums)."""
+SCHEMA_VERSION = 3
+"""3: the control path (``/taps/control``, ``/metrics/control-vs-reference``, ``meta["control"]``),
+which the noise rule needs; 2: per-dataset ``crc32`` checksums; 1: no checksums."""
 BF16_ENCODING = "bfloat16-bits-as-uint16"
 COMPRESSIONS = ("none", "lzf", "gzip")
 _STR = h5py.string_dtype()
