@@ -22,6 +22,15 @@ Rows (``V`` = the baseline's value):
 * ``packing-alone`` -- the longest sequence traced alone.
 * ``order-long-first`` / ``order-long-last`` -- the longest sequence first / last in the pack.
 * ``precision-<dtype>`` -- both paths in bfloat16, float16, float32 (float64 reference for float32).
+* ``state-<state>`` -- a plug-in's factory receives a changed model state, nothing else changes
+  (:mod:`tracer.capture.plugin_state`; the other paths keep the model as loaded). ``state-rotary-fp32``:
+  the rotary ``inv_freq`` buffers kept in float32; if the plug-in's drift disappears, its RoPE
+  reads the cast buffer.
+
+Every traced row says which side(s) it *moved back* to the reference: the paths that drift in
+the baseline and no longer drift in the row. A row that cannot run (a plug-in that refuses
+float32, a backend that fails) is reported as ``not run: <its one-line error>``, and the matrix
+goes on with the other rows.
 
 Rows specific to the built-in packed path (packed RoPE, backends, the module probes) say
 "does not apply" for a plug-in packed path (``--packed SPEC``). One model is loaded and reused
@@ -64,6 +73,7 @@ from tracer.inputs.faults import FAULT_NAMES
 from tracer.esm.models import DEFAULT_MODEL
 from tracer.inputs.packing import PACK_ORDERS
 from tracer.capture.paths import encode
+from tracer.capture.plugin_state import STATES
 from tracer.inputs.sequences import Sequence, debug_batch, read_fasta
 from tracer.runner.config import RunConfig, config_from_args, output_stem
 from tracer.runner.execute import trace
@@ -116,6 +126,7 @@ class Row:
     trace: str | None = None
     note: str = ""
     seconds: float | None = None
+    moved_back: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -223,6 +234,13 @@ def plan(base: RunConfig, sequences: list[Sequence]) -> list[Variant]:
         ref = "fp64" if dtype == "float32" and base.reference in ("auto", "fp32") else base.reference
         change = f"both paths {dtype}" + (f", reference {ref}" if ref != base.reference else "") + (f", attention {attn}" if attn != base.attn else "")
         v.append(run(name, h_prec, change, dtype=dtype, attn=attn, reference=ref))
+
+    h_state = "the plug-in's RoPE reads the rotary inv_freq buffer the run dtype rounded"
+    c_state = f"plug-in factory receives: {STATES['rotary-fp32']}; other paths as loaded"
+    if not builtin or unpacked_spec(base) != "fair-esm":
+        v.append(run("state-rotary-fp32", h_state, c_state, plugin_state="rotary-fp32"))
+    else:
+        v.append(na("state-rotary-fp32", h_state, c_state, "does not apply: no plug-in path (the built-in paths read the loaded frequencies or the module's own)"))
     return v
 
 
@@ -285,10 +303,15 @@ def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: boo
             v = dataclasses.replace(v, config=base)
         started = progress.start(f"{v.name}: {v.change}")
         t0 = time.perf_counter()
-        row = _run_variant(v, loaded, camp.trace_path(v.name), sequences)
+        try:
+            row = _run_variant(v, loaded, camp.trace_path(v.name), sequences)
+        except TracerError as e:  # this row cannot run (e.g. a plug-in refuses float32): report it, go on
+            if v.name == "baseline":  # the configuration as given must run
+                raise
+            row = Row(v.name, v.hypothesis, v.change, "not run", "not run", note=f"not run: {str(e).splitlines()[0]}")
         row.seconds = round(time.perf_counter() - t0, 2)
         camp.finish(v.name, row.to_json())
-        progress.finish(started, f"{row.verdict}; first divergence {where(row.first_divergence)}")
+        progress.finish(started, f"{row.verdict}; first divergence {where(row.first_divergence)}" if row.kind != "not run" else row.note)
     rows = []
     for v in variants:
         if v.name in camp.done:
@@ -297,10 +320,28 @@ def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: boo
             rows.append({**camp.done["baseline"], "name": v.name, "hypothesis": v.hypothesis, "change": v.change, "kind": "same", "note": "the baseline's configuration"})
         else:
             rows.append(Row(v.name, v.hypothesis, v.change, "n/a", "n/a", note=v.note).to_json())
+    _moved_back(rows)
     record = summary_record(base, arch, weights, sequences, rows)
     write_json_atomic(Path(out) / "summary.json", record)
     write_atomic(Path(out) / "summary.md", format_markdown(record))
     return record
+
+
+def _drift_set(drifting: str | None) -> set[str]:
+    return {"packed": {"packed"}, "unpacked": {"unpacked"}, "both": {"packed", "unpacked"}}.get(drifting or "", set())
+
+
+def _moved_back(rows: list[dict]) -> None:
+    """Set each traced row's ``moved_back``: the sides drifting in the baseline that no longer
+    drift in the row (``packed``, ``unpacked``, ``both`` or ``none``)."""
+    base = next((r for r in rows if r["name"] == "baseline"), None)
+    if base is None or base.get("drifting") is None:
+        return
+    before = _drift_set(base["drifting"])
+    for r in rows:
+        if r["kind"] in ("trace", "same") and r.get("drifting") is not None and r["name"] != "baseline":
+            back = sorted(before - _drift_set(r["drifting"]))
+            r["moved_back"] = {0: "none", 1: back[0] if back else "none", 2: "both"}[len(back)]
 
 
 def removers(rows: list[dict]) -> list[str]:
@@ -359,19 +400,20 @@ def format_markdown(record: dict) -> str:
         f"reference {record['reference']}, packed path {record['packed']}, unpacked path {record['unpacked']}; faults: {record['faults']}",
         f"sequences {seqs}; cosines: mean-pooled final embeddings of {focus}",
         "",
-        "| variant | hypothesis | what changed | first divergence | drifting | cos P-U | cos P-ref | cos U-ref |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | hypothesis | what changed | first divergence | drifting | moved back to the reference | cos P-U | cos P-ref | cos U-ref |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:
-        if r["kind"] == "n/a":
-            lines.append(f"| {r['name']} | {r['hypothesis']} | {r['change']} | {r['note']} | | | | |")
+        if r["kind"] in ("n/a", "not run"):
+            lines.append(f"| {r['name']} | {r['hypothesis']} | {r['change']} | {r['note']} | | | | | |")
             continue
         drift = r["drifting"] or "n/a"
         if r["first_divergence"] and r.get("off_at_divergence"):
             drift += f" (off at it: {r['off_at_divergence']})"
         cos = [fmt_cos(r["cos"].get(p, {}).get(focus)) if r["cos"] else "n/a" for p in PAIRS]
         fd = where(r["first_divergence"]) if r["first_divergence"] else "none"
-        lines.append(f"| {r['name']} | {r['hypothesis']} | {r['change']} | {fd} | {drift} | {' | '.join(cos)} |")
+        back = r.get("moved_back") or ("(baseline)" if r["name"] == "baseline" else "n/a")
+        lines.append(f"| {r['name']} | {r['hypothesis']} | {r['change']} | {fd} | {drift} | {back} | {' | '.join(cos)} |")
     lines += ["", record["conclusion"]]
     return "\n".join(lines) + "\n"
 
