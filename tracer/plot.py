@@ -4,7 +4,9 @@ Writes PNG and SVG files:
 
 * ``curves`` -- per-layer curves, one line per tap site: the worst token's relative L2 error
   (log scale) of packed vs unpacked and, with a reference, of each path vs the reference; the
-  first divergence is starred.
+  first divergence is starred. A grey band is the control path's worst token per layer
+  ("healthy run-dtype error": tracer's own fault-free forward in the run dtype against the
+  reference, :mod:`tracer.capture.control`), the error a healthy implementation reaches.
 * ``heatmap-<pair>`` -- layer x token heatmaps of the relative L2 error, one panel per site,
   sequences separated and labelled, the first divergence circled.
 * ``sequences`` -- per-sequence curves of the layer output (``resid_out``) error.
@@ -38,7 +40,7 @@ from tracer.judging.tables import stored_table
 from tracer.errors import TracerError
 from tracer.store.trace_file import open_trace, reading
 from tracer.taps import EMBED, FINAL, SITES, parse_tap
-from tracer.judging.verdict import MetricsTable
+from tracer.judging.verdict import CONTROL, MetricsTable
 
 PAIR_LABELS = {
     "packed-vs-unpacked": "packed vs unpacked",
@@ -104,6 +106,21 @@ def _first(summary: dict, pair: str) -> dict | None:
     return att.get(pair.split("-")[0])
 
 
+def control_envelope(table: MetricsTable, num_layers: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(x, worst)``: per layer position (embed at -1, final norm at L), the control's worst
+    token over every tap there; ``None`` without the control's metrics."""
+    if not table.has(CONTROL):
+        return None
+    worst = _worst(table.pairs[CONTROL]["rel_l2"])
+    by_x: dict[float, float] = {}
+    for i, name in enumerate(table.taps):
+        x = _layer_x(name, num_layers)
+        if np.isfinite(worst[i]):
+            by_x[x] = max(by_x.get(x, 0.0), float(worst[i]))
+    xs = np.array(sorted(by_x))
+    return (xs, np.array([by_x[x] for x in xs])) if xs.size else None
+
+
 def curves_figure(data: PlotData):
     """Per-layer worst-token relative L2 error, one line per site, one panel per pair."""
     pairs = data.pairs()
@@ -111,8 +128,12 @@ def curves_figure(data: PlotData):
     taps = data.table.taps
     layers = np.arange(data.num_layers)
     bottom = min(_bottom(_worst(data.table.pairs[p]["rel_l2"])) for p in pairs)
+    envelope = control_envelope(data.table, data.num_layers)
     for ax, pair in zip(axes[0], pairs):
         worst = np.maximum(_worst(data.table.pairs[pair]["rel_l2"]), bottom)
+        if envelope is not None:
+            ax.fill_between(envelope[0], bottom, np.maximum(envelope[1], bottom), step="mid", color="0.82", alpha=0.7,
+                            lw=0, zorder=0, label="healthy run-dtype error (control, worst token)")
         for site in SITES:
             idx = [i for i, n in enumerate(taps) if parse_tap(n)[1] == site]
             if idx:
