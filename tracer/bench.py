@@ -26,6 +26,11 @@ f. time to verdict of ``python -m tracer.run --weights random --metrics-only`` o
 g. loading the cached checkpoint onto the device against reading the file at disk speed plus a
    pinned host-to-device copy of the same bytes (page cache warm for both).
 
+With a reference (16-bit runs), also the noise calibration (:func:`calibrate`): the margins of
+K of the noise rule, from the control path (healthy), ``--packed-rope model`` (a cause both
+paths share) and any ``--calibrate-packed SPEC`` plug-in; ``--calibrate-only`` measures just
+that (docs/control-path.md has measured ones).
+
 It prints ratios (docs/performance.md has measured ones). Not a test: timings on shared machines
 vary, so nothing here asserts.
 """
@@ -214,12 +219,86 @@ def _ratios(trace_path: Path) -> dict:
         return noise_ratios(stored_table(t))
 
 
+def calibrate(base: dict, seqs, loaded, folder: Path, packed_specs=(), say=print) -> dict:
+    """K's margins on fault-free and shared-cause runs (``--metrics-only`` traces, then removed).
+
+    * ``healthy``: the control path's worst token / its own noise level (the built-in packed
+      path in the control's configuration, reused as the control); the margin is K / worst.
+    * ``same_rope_pair``: ``--packed-rope model``, packed vs unpacked (the same RoPE on both
+      sides, so only kernel rounding parts them): worst token / noise, which must stay below K.
+    * ``shared_cause``: ``--packed-rope model``, the worst token of either path against the
+      reference / noise, in units of K (both paths carry fair-esm's bfloat16 RoPE).
+    * one row per ``packed_specs`` plug-in: its packed worst token / noise, in units of K.
+
+    ``base``: :class:`RunConfig` fields of the run (model, weights, device, dtype, attn).
+    """
+    from tracer.judging.verdict import NOISE_FACTOR
+
+    k = NOISE_FACTOR
+    runs = [("healthy", {}), ("packed_rope_model", {"packed_rope": "model"})] + [(f"plug-in {spec}", {"packed": spec}) for spec in packed_specs]
+    out: dict = {"K": k, "seq_len": max(s.length for s in seqs)}
+    for label, kw in runs:
+        say(f"bench: calibration run: {label}")
+        t0 = time.perf_counter()
+        r = trace(RunConfig(**base, metrics_only=True, out=str(folder / "bench-cal.h5"), **kw), seqs, quiet=True, loaded=loaded)
+        ratios = _ratios(r.path)
+        att = r.summary.attribution
+        r.path.unlink(missing_ok=True)
+        row = {"seconds": round(time.perf_counter() - t0, 1), "drifting": att.drifting if att else None, "verdict": r.summary.verdict,
+               "ratios": ratios}
+        if label == "healthy":
+            worst = ratios["control-vs-reference"]["max_ratio"]
+            out["healthy"] = {**row, "worst": worst, "k_over_worst": k / worst if worst else None}
+        elif label == "packed_rope_model":
+            pair = ratios["packed-vs-unpacked"]["max_ratio"]
+            shared = max(ratios["packed-vs-reference"]["max_ratio"], ratios["unpacked-vs-reference"]["max_ratio"])
+            out["same_rope_pair"] = {"worst": pair, "k_over_worst": k / pair if pair else None}
+            out["shared_cause"] = {**row, "worst": shared, "over_k": shared / k}
+        else:
+            worst = ratios["packed-vs-reference"]["max_ratio"]
+            out.setdefault("plugins", {})[label.removeprefix("plug-in ")] = {**row, "worst": worst, "over_k": worst / k}
+    return out
+
+
+def format_calibration(c: dict) -> list[str]:
+    """The margins of K, one line each, with their targets."""
+    k = c["K"]
+    h, pair, shared = c["healthy"], c["same_rope_pair"], c["shared_cause"]
+
+    def below(x):
+        return "K / inf" if not x["k_over_worst"] else f"K / {x['k_over_worst']:.2f}"
+
+    lines = [
+        f"noise calibration, K = {k:g}, large sequence {c['seq_len']} residues (worst token / noise level):",
+        f"  {'healthy: the control path':<58}{h['worst']:>8.3g} = {below(h)}   [<= K / 2]",
+        f"  {'packed vs unpacked, same RoPE (--packed-rope model)':<58}{pair['worst']:>8.3g} = {below(pair)}   [< K]",
+        f"  {'shared cause (--packed-rope model), worst path':<58}{shared['worst']:>8.3g} = {shared['over_k']:.2f} K   [>= 3 K]; drifting: {shared['drifting']}",
+    ]
+    for spec, p in (c.get("plugins") or {}).items():
+        lines.append(f"  {'plug-in ' + Path(spec.split(':')[0]).name + ', packed':<58}{p['worst']:>8.3g} = {p['over_k']:.2f} K   drifting: {p['drifting']}")
+    return lines
+
+
+def run_calibration(model_name, seq_len, device_name, dtype_name_, attn, folder: Path, packed_specs=(), say=print) -> dict:
+    """``--calibrate-only``: :func:`calibrate` alone, on random weights."""
+    device, dtype = resolve_device(device_name), resolve_dtype(dtype_name_)
+    if reference_dtype("auto", dtype) is None:
+        raise TracerError(f"--calibrate-only calibrates the noise rule, which needs a reference: use --dtype bfloat16 or float16, not {dtype_name_}")
+    t0 = time.perf_counter()
+    say(f"bench: loading {model_name} (random weights)")
+    loaded = models.load_model(model_name, "random", 0)
+    base = dict(model=model_name, weights="random", device=device_name, dtype=dtype_name_, attn=attn, force=True)
+    cal = calibrate(base, debug_batch(seq_len), loaded, folder, packed_specs, say)
+    return {"model": model_name, "dtype": dtype_name_, "device": environment(device)["device_name"],
+            "backend": attention.resolve(attn, device, dtype).name, "calibration": cal, "seconds": time.perf_counter() - t0}
+
+
 def one_layer_bytes(trace_path: Path) -> int:
     with h5py.File(trace_path) as f:
         return sum(ds.nbytes for path in f["taps"] for name, ds in f["taps"][path].items() if name.startswith("layers.0."))
 
 
-def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Path, attn="auto", say=print) -> dict:
+def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Path, attn="auto", say=print, packed_specs=()) -> dict:
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name_)
     ref_dtype = reference_dtype("auto", dtype)
@@ -241,11 +320,8 @@ def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Pa
     mo = trace(RunConfig(**base, metrics_only=True, out=str(folder / "bench-metrics.h5")), seqs, quiet=True, loaded=loaded)
     calibration = {}
     if ref_dtype is not None:
-        say("bench: noise calibration (packed RoPE fp32 and model)")
-        calibration["packed_rope_fp32"] = _ratios(full.path)
-        cal = trace(RunConfig(**base, metrics_only=True, packed_rope="model", out=str(folder / "bench-cal.h5")), seqs, quiet=True, loaded=loaded)
-        calibration["packed_rope_model"] = {**_ratios(cal.path), "verdict": cal.summary.verdict}
-        cal.path.unlink(missing_ok=True)
+        say("bench: noise calibration (the control, --packed-rope model, plug-ins)")
+        calibration = calibrate(base, seqs, loaded, folder, packed_specs, say)
     nbytes = full.bytes_written
     say(f"bench: raw sequential write of {nbytes / GB:.2f} GB")
     raw = raw_write(folder, nbytes)
@@ -327,9 +403,8 @@ def format_table(r: dict) -> str:
     ]
     for c in r["compression"]:
         lines.append(f"  {c['compression']:<8} size {c['size_ratio']:.3f} x   write {c['write_gb_s']:.2f} GB/s   (sample {c['sample_gb']:.2f} GB)")
-    for label, ratios in r.get("calibration", {}).items():
-        parts = [f"{pair} {v['max_ratio']}" for pair, v in ratios.items() if isinstance(v, dict)]
-        lines.append(f"noise calibration ({label}): worst token / noise level: " + ", ".join(parts))
+    if r.get("calibration"):
+        lines += format_calibration(r["calibration"])
     return "\n".join(lines)
 
 
@@ -527,6 +602,9 @@ def build_parser() -> Parser:
                    help="also measure a production batch of N sequences of 100-700 residues, time to verdict and load time")
     p.add_argument("--skip-debug", action="store_true", help="skip the debug-batch measurements (a-d)")
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write the measurements as JSON to FILE")
+    p.add_argument("--calibrate-only", action="store_true", help="measure only the noise calibration (margins of K), no timings")
+    p.add_argument("--calibrate-packed", action="append", default=[], metavar="SPEC",
+                   help="also calibrate on this packed plug-in (repeatable), e.g. a shared-cause forward: its worst token in units of K")
     return p
 
 
@@ -547,8 +625,11 @@ def main(argv=None) -> int:
     say = lambda m: print(f"tracer: {m}", file=sys.stderr, flush=True)  # noqa: E731
     result: dict = {}
     try:
-        if not args.skip_debug:
-            result = run_bench(args.model, args.seq_len, args.device, args.dtype, args.repeats, folder, args.attn, say=say)
+        if args.calibrate_only:
+            result = run_calibration(args.model, args.seq_len, args.device, args.dtype, args.attn, folder, args.calibrate_packed, say)
+        elif not args.skip_debug:
+            result = run_bench(args.model, args.seq_len, args.device, args.dtype, args.repeats, folder, args.attn, say=say,
+                               packed_specs=args.calibrate_packed)
         if args.production:
             result["production"] = run_production(args.model, args.production, args.device, args.dtype, args.attn, folder, say=say)
     finally:
@@ -559,7 +640,12 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        tables = ([] if args.skip_debug else [format_table(result)]) + ([format_production(result["production"])] if args.production else [])
+        if args.calibrate_only:
+            tables = [f"tracer bench: {result['model']}, {result['dtype']} on {result['device']}, attention {result['backend']}; "
+                      f"calibration took {result['seconds']:.0f} s", *format_calibration(result["calibration"])]
+        else:
+            tables = [] if args.skip_debug else [format_table(result)]
+        tables += [format_production(result["production"])] if args.production else []
         print("\n".join(tables))
     return 0
 
