@@ -12,7 +12,8 @@ import pytest
 
 from tracer.inputs.packing import Layout
 from tracer.taps import tap_names
-from tracer.judging.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, Summary, judge
+from tracer.errors import TracerError
+from tracer.judging.verdict import CONTROL, PAIR, ROUNDED, VS_REF, MetricsTable, Rule, Summary, judge, thresholds
 
 LAYOUT = Layout.from_lengths([4, 6])  # sequences a (tokens 0..3) and b (0..5), N = 10
 IDS = ["a", "b"]
@@ -24,7 +25,7 @@ def table(plant=()) -> MetricsTable:
     """Noise everywhere; ``plant`` is ``[(pair, tap, row, rel_l2)]``: that token's metrics become
     those of an error of that size (NaN: NaN in every metric, as for a non-finite token)."""
     shape = (len(NAMES), LAYOUT.n_tokens)
-    levels = {PAIR: 1e-4, VS_REF["packed"]: 1e-3, VS_REF["unpacked"]: 1e-3, ROUNDED: 5e-4}
+    levels = {PAIR: 1e-4, VS_REF["packed"]: 1e-3, VS_REF["unpacked"]: 1e-3, CONTROL: 1e-3, ROUNDED: 5e-4}
     pairs = {p: metrics_of(np.full(shape, v)) for p, v in levels.items()}
     for pair, tap, row, value in plant:
         for metric, planted in metrics_of(np.float64(value)).items():
@@ -93,8 +94,8 @@ def test_a_missing_tap_is_not_a_nan():
     assert "missing (not recorded by both paths)" in s.format_table()
 
 
-def test_one_path_all_nan_at_a_tap_does_not_lower_the_bar():
-    # every packed token at layers.0.k_rope is NaN: the bar comes from the unpacked path
+def test_one_path_all_nan_at_a_tap_does_not_move_the_bar():
+    # every packed token at layers.0.k_rope is NaN: the bar is the control's, as everywhere
     t = table()
     t.pairs[VS_REF["packed"]]["rel_l2"][NAMES.index("layers.0.k_rope")] = np.nan
     s = judge(t, LAYOUT, IDS, Rule(), CONTEXT)
@@ -121,3 +122,32 @@ def test_summary_without_a_verdict_is_refused_not_read_as_agreement(verdict):
         d["verdict"] = verdict
     with pytest.raises(ValueError, match="no valid verdict"):
         Summary.from_json(d)
+
+
+def test_noise_comes_from_the_control_alone():
+    # both paths 20x the control's error at every token of layers.0.v (a cause they share):
+    # the bar stays the control's, so both drift there; paths under test never move it
+    t = table()
+    for p in VS_REF.values():
+        t.pairs[p]["rel_l2"][NAMES.index("layers.0.v")] = 2e-2
+    s = judge(t, LAYOUT, IDS, Rule(), CONTEXT)
+    v = next(x for x in s.taps if x.name == "layers.0.v")
+    assert v.noise == pytest.approx(1e-3) and v.threshold == pytest.approx(8e-3)
+    assert s.attribution.drifting == "both"
+    assert where(s.attribution.packed) == where(s.attribution.unpacked) == (0, "v", "a", 0)
+    assert np.array_equal(thresholds(t, Rule())[1], thresholds(table(), Rule())[1])
+
+
+def test_the_floor_is_the_least_noise_level():
+    t = table()
+    t.pairs[CONTROL]["rel_l2"][NAMES.index("layers.1.ctx")] = 1e-5  # below the representation floor
+    _, noise, floor = thresholds(t, Rule())
+    assert noise[NAMES.index("layers.1.ctx")] == pytest.approx(5e-4) == floor[NAMES.index("layers.1.ctx")]
+
+
+def test_a_table_without_the_control_is_refused_by_the_noise_rule_only():
+    t = table()
+    del t.pairs[CONTROL]
+    with pytest.raises(TracerError, match="use --rule plain, or re-run it"):
+        judge(t, LAYOUT, IDS, Rule(), CONTEXT)
+    assert judge(t, LAYOUT, IDS, Rule(kind="plain", max_rel_l2=1e-2), CONTEXT).verdict == "agree"
