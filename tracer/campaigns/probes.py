@@ -14,7 +14,9 @@ Three tools for ``tracer.experiments``:
   float64 attention on the same Q/K/V.
 
 The probes judge their per-token metrics with the run's own rule (:func:`tracer.judging.verdict.judge`),
-so a probe's "first divergence" and "drifting" mean exactly what a trace's do.
+so a probe's "first divergence" and "drifting" mean exactly what a trace's do. Their noise level
+comes from a control, as in a trace (:mod:`tracer.capture.control`): the fault-free float32 RoPE on
+the loaded frequencies (``rope_probe``), the packed kernel with no fault (``attention_probe``).
 
 Example::
 
