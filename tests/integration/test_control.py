@@ -127,7 +127,7 @@ def test_a_trace_without_the_control_is_refused_by_the_noise_rule(tmp_path, caps
 
 @pytest.mark.parametrize("packed_rope, reused", [("fp32", True), ("model", False)], ids=["reused", "separate"])
 def test_compare_recomputes_the_control_pair_from_the_tensors(tmp_path, packed_rope, reused):
-    from tracer.compare import recomputed_table, stored_table
+    from tracer.judging.tables import recomputed_table, stored_table
     from tracer.store.trace_file import open_trace
 
     result = run(tmp_path, mixed_batch(40), dtype="bfloat16", packed_rope=packed_rope)
