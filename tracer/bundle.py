@@ -5,7 +5,8 @@ Writes a folder, and the same content as one ``.zip`` next to it, to attach to a
 * ``report.md`` -- command line, environment and versions, GPU, verdict, attribution, the
   sequences and a per-layer table.
 * the plots of :mod:`tracer.plot` (PNG and SVG).
-* ``trace-slim.h5`` -- a valid trace holding the per-token metrics of every layer and tap, plus
+* ``trace-slim.h5`` -- a valid trace (with its own run id and checksums, written only after the
+  source trace verified as ``tracer.compare`` verifies it) holding the per-token metrics of every layer and tap, plus
   the full tensors (all paths) of the taps around the first divergence, for the sequence it is
   in, chosen in order of relevance (the diverging tap, the layer's input, the rest of that layer,
   then the layer before) until the size budget is spent.
@@ -92,8 +93,8 @@ def _write_slim(trace, dest: Path, budget: int) -> list[str]:
         used += cost
     meta = dict(trace.meta)
     meta["tensors"] = "partial"
-    meta["slim"] = {"source": str(trace.path), "taps": chosen, "sequence": trace.sequence(seq).id,
-                    "rows": [rows.start, rows.stop]}
+    meta["slim"] = {"source": str(trace.path), "source_run_id": trace.run_id, "taps": chosen,
+                    "sequence": trace.sequence(seq).id, "rows": [rows.start, rows.stop]}
     with TraceWriter(dest, force=True) as w:
         s = trace.sequences
         w.write_sequences([x.id for x in s], [x.residues for x in s], [x.length for x in s], trace.layout)
@@ -104,12 +105,22 @@ def _write_slim(trace, dest: Path, budget: int) -> list[str]:
                 ds.attrs["dtype"] = dtype
                 ds.attrs["encoding"] = "bfloat16-bits-as-uint16" if dtype == "bfloat16" else "raw"
                 ds.attrs["rows"] = [rows.start, rows.stop]
-        for group in trace.metric_groups():
-            trace.file.copy(trace.file[group], w.file, name=group)
+        for group in trace.metric_groups():  # read checked, rewritten with the slim trace's own checksums
+            keys: list[str] = []
+            trace.file[group].visititems(lambda name, obj: keys.append(f"{group}/{name}") if hasattr(obj, "shape") else None)
+            for key in keys:
+                w.write_array(key, trace._small(key), dtype=trace.file[key].dtype)
+        pooled = {p: e for p in ("unpacked", "packed", "reference") if (e := trace.embeddings(p)) is not None}  # checked
+        if pooled:
+            w.write_embeddings(pooled, _attr(trace.file["embeddings"].attrs.get("pooling", "")))
         w.set_json("meta", meta)
         w.set_json("summary", summary)
         w.commit()
     return chosen
+
+
+def _attr(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _fmt(x, digits=3) -> str:
@@ -230,7 +241,8 @@ def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.
     _check_destination(trace_path, out, archive, force)
     limit = int(max_mb * MB)
     with open_trace(trace_path) as trace, reading(trace_path):
-        summary = trace.summary or summarize(trace).to_json()
+        summarize(trace)  # verifies as tracer.compare does (every checksum, the stored summary); nothing is copied before
+        summary = trace.summary
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=files.PARTIAL_SUFFIX, dir=out.parent))
@@ -238,7 +250,7 @@ def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.
             raise TracerError(f"cannot write the bundle in {out.parent}: {e.strerror or e}") from None
         zip_partial = None
         try:
-            plot_trace(trace_path, stage, quiet=quiet)
+            plot_trace(trace_path, stage, quiet=quiet, verified=True)
             plots = sorted(p.name for p in stage.glob("*.png")) + sorted(p.name for p in stage.glob("*.svg"))
             (stage / "report.md").write_text("placeholder")
             budget = limit - _size(stage) - 4 * 1024 * 1024 - trace.file["metrics"]["packed-vs-unpacked"]["rel_l2"].nbytes * 12

@@ -36,7 +36,7 @@ from matplotlib.colors import LogNorm
 
 from tracer.store import files
 from tracer.cli import Parser, main_guard
-from tracer.judging.tables import stored_table
+from tracer.judging.tables import stored_table, summarize
 from tracer.errors import TracerError
 from tracer.store.trace_file import open_trace, reading
 from tracer.taps import EMBED, FINAL, SITES, parse_tap
@@ -72,8 +72,13 @@ class PlotData:
         return [p for p in PAIR_LABELS if self.table.has(p)]
 
 
-def load(path: str | Path) -> PlotData:
-    with open_trace(path) as t:
+def load(path: str | Path, verify: bool = True) -> PlotData:
+    """What the figures need, after verifying the trace as ``tracer.compare`` does (every
+    checksum, the manifest, the stored metrics against the tensors and the stored summary
+    against the stored metrics); ``verify=False`` only for a trace just verified by the caller."""
+    with open_trace(path) as t, reading(path):
+        if verify:
+            summarize(t)
         summary = t.summary
         if summary is None:
             raise TracerError(f"{path} has no stored summary to plot")
@@ -243,8 +248,9 @@ def sequences_figure(data: PlotData, site: str = "resid_out"):
     return fig
 
 
-def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool = True) -> Path:
-    """Write every figure as PNG and SVG into ``out_dir`` (default: ``<trace>-plots/``).
+def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool = True, verified: bool = False) -> Path:
+    """Write every figure as PNG and SVG into ``out_dir`` (default: ``<trace>-plots/``), after
+    verifying the trace (:func:`load`; ``verified``: the caller just did).
 
     A trace of a subset of taps gets the figures its taps allow (no heatmap without per-layer
     taps; the per-sequence curves use ``resid_out``, else the latest site traced).
@@ -254,7 +260,7 @@ def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool 
     out = Path(out_dir) if out_dir else Path(path).with_name(Path(path).stem + "-plots")
     if files.exists(out) and not out.is_dir():
         raise TracerError(f"{out} exists and is not a folder; -o names the folder to write the plots into")
-    data = load(path)
+    data = load(path, verify=not verified)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

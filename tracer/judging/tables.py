@@ -23,7 +23,8 @@ import torch
 from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
 from tracer.judging.metrics import METRICS, metrics_table, norms, token_metrics
-from tracer.store.trace_file import Trace, from_numpy
+from tracer.judging.consistency import stored_rule, summary_disagreement
+from tracer.store.trace_file import Trace, checksum_failure, from_numpy
 from tracer.judging.pairs import batch_description, control_pairs, default_rule, summary_context
 from tracer.judging.verdict import CONTROL, PAIR, ROUNDED, MetricsTable, Rule, Summary, judge
 
@@ -61,7 +62,8 @@ class _Stored:
     np_dtype: np.dtype
     dtype: str
     offset: int | None
-    crc32: int | None
+    crc32: int
+    seed: int
     path: str
 
 
@@ -72,9 +74,9 @@ def _layout(trace: Trace, path: str, name: str) -> _Stored:
     if offset is not None and offset + ds.dtype.itemsize * int(np.prod(ds.shape)) > os.path.getsize(trace.path):
         raise TracerError(f"{trace.path} is truncated or damaged (tap {ds.name} lies beyond the end of the file)")
     crc = ds.attrs.get("crc32")
-    if trace.checksums and crc is None:
+    if crc is None:
         raise TracerError(f"{trace.path} is damaged: {ds.name} has no checksum")
-    return _Stored(ds.name, ds.shape, ds.dtype, dtype, offset, None if crc is None else int(crc) & 0xFFFFFFFF, str(trace.path))
+    return _Stored(ds.name, ds.shape, ds.dtype, dtype, offset, int(crc) & 0xFFFFFFFF, trace.seed(ds.name), str(trace.path))
 
 
 class _Worker:
@@ -121,11 +123,8 @@ class _Reader:
         else:
             with self.lock:
                 self.trace.file[st.key].read_direct(raw)
-        if st.crc32 is not None and zlib.crc32(raw.reshape(-1).view(np.uint8)) != st.crc32:
-            raise TracerError(
-                f"{st.path} is damaged: {st.key} fails its checksum (stored crc32 {st.crc32:08x}); "
-                "no verdict is given from damaged data"
-            )
+        if zlib.crc32(raw.reshape(-1).view(np.uint8), st.seed) != st.crc32:
+            raise TracerError(checksum_failure(st.path, st.key))
         return from_numpy(raw, st.dtype).reshape(st.shape[0], -1)
 
 
@@ -204,16 +203,24 @@ def recomputed_table(trace: Trace, workers: int | None = None) -> MetricsTable:
 
 
 def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) -> Summary:
-    """Judge one trace (recomputing metrics from tensors when it has them)."""
+    """Judge one trace (recomputing metrics from tensors when it has them), after checking that
+    its stored summary is what its stored metrics give (:func:`check_summary`) and reading its
+    pooled embeddings (checked).
+
+    Every reader that reports from a trace (``compare``, ``plot``, ``bundle``, the campaigns'
+    resume) goes through here, so each verifies as strictly as ``tracer.compare``.
+    """
+    stored = stored_table(trace)
+    check_summary(trace, stored)
+    for path in ("unpacked", "packed", "reference"):  # small; read to check them (reports quote them)
+        trace.embeddings(path)
     has_tensors = trace.meta.get("tensors", "full") == "full" and {"unpacked", "packed"} <= set(trace.paths)
+    table = stored
     if recompute and has_tensors:
         table = recomputed_table(trace)
-        cross_check(trace, table, stored_table(trace))
-    else:
-        table = stored_table(trace)
-    meta = trace.meta
+        cross_check(trace, table, stored)
     has_ref = table.has("packed-vs-reference")
-    rule = rule or default_rule(meta["dtype"], has_ref)
+    rule = rule or default_rule(trace.meta["dtype"], has_ref)
     if rule.kind == "noise" and not has_ref:
         raise TracerError(f"{trace.path} has no reference path, so the noise rule cannot apply; use --rule plain")
     if rule.kind == "noise" and not table.has(CONTROL):
@@ -221,10 +228,24 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
             f"{trace.path} has no control-path metrics (written before tracer's control path set the noise level), "
             "so the noise rule cannot judge it; use --rule plain, or re-run the trace"
         )
+    return _judge(trace, table, rule)
+
+
+def _judge(trace: Trace, table: MetricsTable, rule: Rule) -> Summary:
+    batch = batch_description(trace.sequences, trace.meta.get("pack_order", "given"))
     ids = [s.id for s in trace.sequences]
-    seqs = trace.sequences
-    batch = batch_description(seqs, meta.get("pack_order", "given"))
-    return judge(table, trace.layout, ids, rule, summary_context(meta, batch), trace=str(trace.path))
+    return judge(table, trace.layout, ids, rule, summary_context(trace.meta, batch), trace=str(trace.path))
+
+
+def check_summary(trace: Trace, stored: MetricsTable) -> None:
+    """Raise :class:`TracerError` unless the stored summary is what the stored metrics give
+    under the stored rule (:mod:`tracer.judging.consistency`)."""
+    summary = trace.summary
+    if summary is None:
+        raise TracerError(f"{trace.path} has no stored summary; no verdict is given from an incomplete trace")
+    problem = summary_disagreement(summary, _judge(trace, stored, stored_rule(summary, trace.path)))
+    if problem:
+        raise TracerError(f"{trace.path} is damaged: {problem}; no verdict is given from inconsistent data")
 
 
 CROSS_CHECK = {"rtol": 1e-3, "atol": 1e-6}

@@ -130,7 +130,7 @@ class AsyncTapWriter:
                     host, pool = tensor.contiguous(), None
                 # the checksum of the bytes about to be written, here so that it overlaps the
                 # disk stage's previous write (zlib releases the GIL)
-                crc = tap_checksum(host)
+                crc = tap_checksum(host, self.writer.seed(f"taps/{path}/{name}"))  # bound to the run and the name
                 self.stats["copy_seconds"] += time.perf_counter() - t0
                 self._disk_q.put((path, name, host, pool, crc))
             except BaseException as e:  # surfaced by close()/submit() in the main thread

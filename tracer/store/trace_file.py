@@ -1,10 +1,11 @@
 """The HDF5 trace: one self-describing file per run, written atomically; and its read API.
 
-Layout (schema version 1)::
+Layout (schema version 4)::
 
-    /                          attrs: format="tracer-trace", schema_version, complete,
+    /                          attrs: format="tracer-trace", schema_version, complete, run_id,
                                meta (JSON: command line, versions, model, weights, dtypes,
-                               device, backend, ...), summary (JSON, the comparator's verdict)
+                               device, backend, run_id, ...), summary (JSON, the comparator's
+                               verdict), manifest (JSON: every dataset and record written)
     /sequences/ids             (S,) str     input order ("canonical")
     /sequences/residues        (S,) str
     /sequences/lengths         (S,) int64   residues L per sequence
@@ -31,15 +32,12 @@ created exclusively) and moved into place only once complete, flushed and fsynce
 replacing a file that appeared meanwhile (unless ``force``; :mod:`tracer.store.files`), so a file at
 the final path is always whole; readers refuse files without ``complete=True``.
 
-Checksums (schema 2): every dataset carries a ``crc32`` attribute (zlib CRC-32 of its bytes as
-written: tap data on the host bytes the writer already holds, strings joined by NUL), and the
-``meta`` and ``summary`` records carry ``meta_crc32``/``summary_crc32``. Readers verify the small
-datasets and records on open and a tap's data whenever it is read whole (:meth:`Trace.tap`,
-the comparator); :meth:`Trace.verify` checks everything (``tracer.compare --verify``). Schema-1
-files have no checksums and are read unverified. Schema 3 adds the control path
-(:mod:`tracer.capture.control`): its taps under ``/taps/control`` when it ran as a separate stream,
-its metrics as ``/metrics/control-vs-reference`` always; older traces are read, but only the
-plain rule can judge them.
+Checksums and the manifest (schema 4) bind every dataset and record to the run and to its name
+(:mod:`tracer.store.binding`). Readers check the manifest on open, small datasets and records
+when read, a tap whenever it is read whole; :meth:`Trace.verify` checks everything (``tracer.compare
+--verify``). The control path (:mod:`tracer.capture.control`, schema 3 on) stores its taps under
+``/taps/control`` when it ran as a separate stream and its metrics as
+``/metrics/control-vs-reference``. Files of schemas 1 to 3 are refused with one line.
 
 Example::
 
@@ -63,14 +61,15 @@ import h5py
 import numpy as np
 import torch
 
-from tracer.store import files
+from tracer.store import binding, files
 from tracer.errors import TracerError
 from tracer.inputs.packing import Layout
 
 FORMAT = "tracer-trace"
-SCHEMA_VERSION = 3
-"""3: the control path (``/taps/control``, ``/metrics/control-vs-reference``, ``meta["control"]``),
-which the noise rule needs; 2: per-dataset ``crc32`` checksums; 1: no checksums."""
+SCHEMA_VERSION = 4
+"""4: checksums bound to the run id and the dataset name, and a manifest; 3: the control path
+(``/taps/control``, ``/metrics/control-vs-reference``, ``meta["control"]``); 2: plain per-dataset
+CRC-32; 1: no checksums. Older schemas are refused, not read unverified."""
 BF16_ENCODING = "bfloat16-bits-as-uint16"
 COMPRESSIONS = ("none", "lzf", "gzip")
 _STR = h5py.string_dtype()
@@ -82,21 +81,18 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def checksum(a) -> int:
-    """CRC-32 of an array's bytes (C order); string arrays: their UTF-8 texts joined by NUL."""
-    if isinstance(a, (str, bytes)):
-        return zlib.crc32(a.encode() if isinstance(a, str) else a)
-    a = np.asarray(a)
-    if a.dtype.kind in "OSU":
-        return zlib.crc32(b"\0".join(x.encode() if isinstance(x, str) else bytes(x) for x in a.reshape(-1).tolist()))
-    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+def checksum(a, start: int = 0) -> int:
+    """CRC-32 of an array's bytes (C order), continued from ``start`` (a run-bound
+    :func:`tracer.store.binding.seed`); string arrays: their UTF-8 texts joined by NUL."""
+    return binding.bound_checksum(a, start)
 
 
-def tap_checksum(tensor: torch.Tensor) -> int:
-    """CRC-32 of a CPU tap's bytes exactly as :meth:`TraceWriter.write_tap` stores them."""
+def tap_checksum(tensor: torch.Tensor, start: int = 0) -> int:
+    """CRC-32 of a CPU tap's bytes exactly as :meth:`TraceWriter.write_tap` stores them,
+    continued from ``start`` (the writer's :meth:`TraceWriter.seed` of the tap's dataset)."""
     data, _ = to_numpy(tensor)
     data = np.ascontiguousarray(data)
-    return zlib.crc32(memoryview(data).cast("B")) if data.size else 0
+    return zlib.crc32(memoryview(data).cast("B"), start) if data.size else start
 
 
 NUMPY_DTYPES = {"bfloat16": np.dtype("<u2"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
@@ -127,7 +123,8 @@ class TraceWriter:
 
     The work goes to :attr:`partial`, unique to this writer. Use as a context manager: leaving
     it with an exception (Ctrl-C, SIGTERM and SIGHUP included) removes the partial file. A full
-    disk is one :class:`TracerError` line.
+    disk is one :class:`TracerError` line. Every checksum is bound to :attr:`run_id` (drawn here)
+    and to the dataset's name; :meth:`commit` records the manifest of what was written.
     """
 
     def __init__(self, path: str | Path, force: bool = False, compression: str = "none"):
@@ -151,6 +148,9 @@ class TraceWriter:
         self.file.attrs["format"] = FORMAT
         self.file.attrs["schema_version"] = SCHEMA_VERSION
         self.file.attrs["complete"] = False
+        self.run_id = binding.new_run_id()
+        self.file.attrs["run_id"] = self.run_id
+        self._records: list[str] = []
         self.bytes_written = 0
         self._fd = os.open(self.partial, os.O_WRONLY)  # raw data of uncompressed taps (write_tap)
 
@@ -166,15 +166,24 @@ class TraceWriter:
                     raise TracerError(message) from None
         return False
 
+    def seed(self, key: str) -> int:
+        """Start value of the run-bound checksum of dataset or record ``key``."""
+        return binding.seed(self.run_id, key)
+
     def set_json(self, key: str, value) -> None:
+        """A JSON record (``meta``, ``summary``); the ``meta`` record gets this run's ``run_id``."""
+        if key == "meta":
+            value = {**value, "run_id": self.run_id}
         text = json.dumps(value, sort_keys=True)
         self.file.attrs[key] = text
-        self.file.attrs[f"{key}_crc32"] = checksum(text)
+        self.file.attrs[f"{key}_crc32"] = checksum(text, self.seed(key))
+        if key not in self._records:
+            self._records.append(key)
 
     def write_array(self, key: str, data, **kwargs):
-        """A dataset with its ``crc32`` (of ``data`` as given); returns the h5py dataset."""
+        """A dataset with its run-bound ``crc32`` (of ``data`` as given); returns the h5py dataset."""
         ds = self.file.create_dataset(key, data=data, **kwargs)
-        ds.attrs["crc32"] = checksum(data)
+        ds.attrs["crc32"] = checksum(data, self.seed(key))
         return ds
 
     def write_sequences(self, ids, residues, lengths, layout: Layout) -> None:
@@ -187,8 +196,9 @@ class TraceWriter:
         self.write_array(g + "cu_seqlens", layout.cu_seqlens.numpy())
 
     def write_tap(self, path: str, name: str, tensor: torch.Tensor, crc32: int | None = None) -> None:
-        """Store one tap (a CPU tensor, canonical layout), losslessly, with its CRC-32
-        (``crc32``, if the caller computed it already with :func:`tap_checksum`).
+        """Store one tap (a CPU tensor, canonical layout), losslessly, with its run-bound CRC-32
+        (``crc32``, if the caller computed it already with :func:`tap_checksum` from
+        :meth:`seed` of ``taps/<path>/<name>``).
 
         Uncompressed taps are contiguous datasets allocated up front; HDF5 writes their
         metadata and tracer writes their bytes at the dataset's file offset with one
@@ -200,7 +210,7 @@ class TraceWriter:
         data = np.ascontiguousarray(data)
         key = f"taps/{path}/{name}"
         view = memoryview(data).cast("B") if data.size else b""
-        crc = zlib.crc32(view) if crc32 is None else crc32
+        crc = zlib.crc32(view, self.seed(key)) if crc32 is None else crc32
         if self.compression:
             kwargs = {"compression": self.compression, "chunks": (min(len(data), max(1, (1 << 22) // max(1, data[0].nbytes))),) + data.shape[1:]}
             if self.compression == "gzip":
@@ -248,6 +258,9 @@ class TraceWriter:
         """Mark complete, flush, fsync, close and move into place (never replacing a file that
         appeared meanwhile unless ``force``); fsync the folder. Returns the final path."""
         t0 = time.perf_counter()
+        datasets: list[str] = []
+        self.file.visititems(lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None)
+        self.set_json_text("manifest", binding.manifest_text(datasets, self._records))
         self.file.attrs["complete"] = True
         self.file.flush()
         self.file.close()
@@ -256,6 +269,10 @@ class TraceWriter:
         self.commit_seconds = time.perf_counter() - t0
         files.commit(self.partial, self.path, self.force)
         return self.path
+
+    def set_json_text(self, key: str, text: str) -> None:
+        self.file.attrs[key] = text
+        self.file.attrs[f"{key}_crc32"] = checksum(text, self.seed(key))
 
     def abort(self) -> None:
         """Close and delete this writer's partial file (idempotent)."""
@@ -290,6 +307,7 @@ class Trace:
 
     Attributes:
         path: the file.
+        run_id: the id of the run that wrote it (every checksum is bound to it).
         meta: run metadata (dict).
         sequences: list of :class:`SequenceInfo`, canonical order.
         layout: :class:`tracer.inputs.packing.Layout` of the batch.
@@ -298,10 +316,15 @@ class Trace:
     def __init__(self, path: Path, file: h5py.File):
         self.path = path
         self.file = file
-        self.checksums = int(file.attrs.get("schema_version", 1)) >= 2
-        self.meta = _json_attr(file, "meta", path, self.checksums)
+        self.run_id = _attr_str(file.attrs.get("run_id", ""))
+        if not self.run_id:
+            raise TracerError(f"{path} is damaged: it has no run_id")
+        self.meta = self._record("meta")
         if not isinstance(self.meta, dict):
             raise TracerError(f"{path} is damaged: its meta record is not an object")
+        if self.meta.get("run_id") != self.run_id:
+            raise TracerError(f"{path} is damaged: its meta record belongs to another run (run_id {self.meta.get('run_id')!r}, file {self.run_id!r})")
+        self._check_manifest()
         g = file["sequences"]
         read = {k: self.read_small(f"sequences/{k}") for k in ("ids", "residues", "lengths", "offsets", "pack_order", "cu_seqlens")}
         ids = [_attr_str(s) for s in read["ids"]]
@@ -326,6 +349,27 @@ class Trace:
         """Whether the file holds ``key`` (a group or dataset path, e.g. ``metrics`` or ``local``)."""
         return key in self.file
 
+    def seed(self, key: str) -> int:
+        """Start value of the run-bound checksum of dataset or record ``key``."""
+        return binding.seed(self.run_id, key)
+
+    def _record(self, key: str):
+        return _json_attr(self.file, key, self.path, self.seed(key))
+
+    def _check_manifest(self) -> None:
+        """Refuse a file whose datasets differ from its manifest, or whose manifest lacks what
+        the meta record promises (:func:`tracer.store.binding.manifest_problem`)."""
+        manifest = self._record("manifest")
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("datasets"), list):
+            raise TracerError(f"{self.path} is damaged: its manifest record is not a manifest")
+        present: list[str] = []
+        self.file.visititems(lambda name, obj: present.append(name) if isinstance(obj, h5py.Dataset) else None)
+        problem = binding.manifest_problem(manifest, set(present), self.meta)
+        if problem is None:
+            problem = next((f"is missing its {r} record" for r in manifest.get("records", []) if r not in self.file.attrs), None)
+        if problem:
+            raise TracerError(f"{self.path} {problem}; no verdict is given from an incomplete or altered trace")
+
     def read_small(self, key: str) -> np.ndarray:
         """A small dataset read whole and checked against its checksum."""
         if key not in self.file:
@@ -337,18 +381,13 @@ class Trace:
 
     def check(self, ds, data) -> None:
         """Raise :class:`TracerError` unless ``data`` (all of dataset ``ds``, as read) matches
-        the dataset's stored checksum (schema 2; schema 1 has none)."""
-        if not self.checksums:
-            return
+        the dataset's stored checksum, bound to this run and to the dataset's name."""
         stored = ds.attrs.get("crc32")
         if stored is None:
             raise TracerError(f"{self.path} is damaged: {ds.name} has no checksum")
-        actual = checksum(data)
-        if int(stored) != actual:
-            raise TracerError(
-                f"{self.path} is damaged: {ds.name} fails its checksum (stored crc32 {int(stored) & 0xFFFFFFFF:08x}, "
-                f"read {actual:08x}); no verdict is given from damaged data"
-            )
+        actual = checksum(data, self.seed(ds.name))
+        if int(stored) & 0xFFFFFFFF != actual:
+            raise TracerError(checksum_failure(self.path, ds.name))
 
     def __enter__(self) -> "Trace":
         return self
@@ -367,7 +406,7 @@ class Trace:
 
     @property
     def summary(self) -> dict | None:
-        return _json_attr(self.file, "summary", self.path, self.checksums) if "summary" in self.file.attrs else None
+        return self._record("summary") if "summary" in self.file.attrs else None
 
     @property
     def paths(self) -> list[str]:
@@ -430,8 +469,7 @@ class Trace:
 
         Raises :class:`TracerError` naming the first damaged dataset.
         """
-        if not self.checksums:
-            raise TracerError(f"{self.path} has no checksums (schema 1); nothing to verify")
+        self._check_manifest()
         names: list[str] = []
         self.file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
         for name in names:
@@ -460,7 +498,7 @@ class Trace:
     def embeddings(self, path: str) -> np.ndarray | None:
         """Pooled final embeddings ``(S, E)`` float64 of ``path`` (:mod:`tracer.judging.embeddings`), or ``None``."""
         key = f"embeddings/{path}"
-        return self.file[key][()] if key in self.file else None
+        return self.read_small(key) if key in self.file else None
 
     def metric_groups(self) -> list[str]:
         return [g for g in ("metrics", "local") if g in self.file]
@@ -470,11 +508,19 @@ def _attr_str(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _json_attr(file: h5py.File, key: str, path: Path, checked: bool = False):
+def checksum_failure(path, name: str) -> str:
+    """The one line for a dataset whose bytes do not match its run-bound checksum."""
+    return (
+        f"{path} is damaged: {name} fails its checksum (its bytes were altered, or it was copied from another "
+        "trace or from another name); no verdict is given from damaged data"
+    )
+
+
+def _json_attr(file: h5py.File, key: str, path: Path, start: int):
     try:
         text = file.attrs[key]
-        if checked and int(file.attrs[f"{key}_crc32"]) != checksum(_attr_str(text)):
-            raise TracerError(f"{path} is damaged: its {key} record fails its checksum")
+        if int(file.attrs[f"{key}_crc32"]) & 0xFFFFFFFF != checksum(_attr_str(text), start):
+            raise TracerError(f"{path} is damaged: its {key} record fails its checksum (altered, or from another trace)")
         return json.loads(text)
     except (KeyError, ValueError, TypeError, OSError):
         raise TracerError(f"{path} is damaged: its {key} record is missing or unreadable") from None
@@ -483,8 +529,9 @@ def _json_attr(file: h5py.File, key: str, path: Path, checked: bool = False):
 def open_trace(path: str | Path) -> Trace:
     """Open a trace for reading, refusing anything that is not a complete trace we understand.
 
-    The structure is checked on open (format, schema, completeness, sequence records and their
-    checksums, the meta record); tap data is checked when read.
+    The structure is checked on open (format, schema, completeness, the meta record, the
+    manifest against the file's datasets and the meta's promises, the sequence records and their
+    checksums); other data is checked when read.
     """
     path = Path(path)
     if not path.exists():
@@ -519,6 +566,11 @@ def open_trace(path: str | Path) -> Trace:
             )
         if version < 1:
             raise TracerError(f"{path} has no valid schema_version")
+        if version < SCHEMA_VERSION:
+            raise TracerError(
+                f"{path} is a trace of schema {version}, whose checksums are not bound to its run; this tracer "
+                f"reads schema {SCHEMA_VERSION} only: trace again with the command recorded in its meta"
+            )
         if not bool(file.attrs.get("complete", False)):
             raise TracerError(f"{path} is incomplete (the run that wrote it did not finish)")
         if "sequences" not in file:
