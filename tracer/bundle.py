@@ -109,7 +109,7 @@ def _write_slim(trace, dest: Path, budget: int) -> list[str]:
             keys: list[str] = []
             trace.file[group].visititems(lambda name, obj: keys.append(f"{group}/{name}") if hasattr(obj, "shape") else None)
             for key in keys:
-                w.write_array(key, trace._small(key), dtype=trace.file[key].dtype)
+                w.write_array(key, trace.read_small(key), dtype=trace.file[key].dtype)
         pooled = {p: e for p in ("unpacked", "packed", "reference") if (e := trace.embeddings(p)) is not None}  # checked
         if pooled:
             w.write_embeddings(pooled, _attr(trace.file["embeddings"].attrs.get("pooling", "")))

@@ -37,7 +37,9 @@ Rows specific to the built-in packed path (packed RoPE, backends, the module pro
 by every variant; each trace sets its own precision. Traces are kept under ``OUT/traces/``
 (per-token metrics and pooled embeddings; ``--tensors`` keeps the full tensors), so any row can
 be plotted (``tracer.plot``) or bundled (``tracer.bundle``). ``OUT/manifest.json`` records the
-finished variants: an interrupted run resumes where it stopped. ``OUT/summary.md`` and
+finished variants: an interrupted run resumes where it stopped, reusing a finished row only if
+its trace verifies and its configuration (plug-in sources included) is unchanged, and reporting
+it from its trace (:mod:`tracer.campaigns.campaign`); module probes run again. ``OUT/summary.md`` and
 ``OUT/summary.json`` are the table for a bug report.
 
 Example::
@@ -65,7 +67,7 @@ from tracer.esm import models
 
 
 from tracer.campaigns import probes
-from tracer.campaigns.campaign import Campaign, check_folder, run_and_report, TraceFacts, fmt_cos, where, write_atomic, write_json_atomic
+from tracer.campaigns.campaign import Campaign, check_folder, run_and_report, TraceFacts, fingerprint, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, add_run_options, main_guard
 from tracer.env import resolve_device, resolve_dtype
 from tracer.errors import TracerError
@@ -255,14 +257,25 @@ def plan_key(base: RunConfig, sequences, variants: list[Variant], weights_finger
     }
 
 
-def _run_variant(v: Variant, loaded, path: Path, base_batch_seqs) -> Row:
+def row_fingerprint(v: Variant) -> dict:
+    """What a traced row's result depends on (:func:`tracer.campaigns.campaign.fingerprint`)."""
+    return fingerprint(v.config, {"variant": v.name, "sequences": [(s.id, s.residues) for s in v.sequences],
+                                  "rope_fp32_unpacked": v.rope_fp32_unpacked})
+
+
+def _traced_row(v: Variant, f: TraceFacts, seconds=None) -> Row:
+    """A traced row, from its verified trace."""
+    return Row(v.name, v.hypothesis, v.change, v.kind, f.verdict, f.first, f.drifting, f.off_at_divergence, f.cos, f.trace, v.note, seconds)
+
+
+def _run_variant(v: Variant, loaded, path: Path, base_batch_seqs) -> tuple[Row, TraceFacts | None]:
     model = loaded[0]
     if v.kind == "trace":
         config = dataclasses.replace(v.config, out=str(path), force=True)  # our own file, in our folder
         with probes.fair_esm_rope_fp32(model) if v.rope_fp32_unpacked else contextlib.nullcontext():
             trace(config, list(v.sequences), quiet=True, loaded=loaded)
         f = TraceFacts.read(path)
-        return Row(v.name, v.hypothesis, v.change, v.kind, f.verdict, f.first, f.drifting, f.off_at_divergence, f.cos, str(path), v.note)
+        return _traced_row(v, f), f
     if v.kind in ("probe-rope", "probe-attention"):
         base = v.config
         device = resolve_device(base.device)
@@ -278,7 +291,7 @@ def _run_variant(v: Variant, loaded, path: Path, base_batch_seqs) -> Row:
         return Row(v.name, v.hypothesis, v.change, v.kind, s.verdict,
                    s.first_divergence.to_json() if s.first_divergence else None,
                    att.drifting if att else None, (att.at_divergence or {}).get("off") if att else None,
-                   note=f"{backend.name}, {base.dtype}; no embeddings (module level)")
+                   note=f"{backend.name}, {base.dtype}; no embeddings (module level)"), None
     raise AssertionError(v.kind)
 
 
@@ -295,29 +308,40 @@ def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: boo
     base = dataclasses.replace(base, metrics_only=not tensors)
     variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, metrics_only=not tensors)) if v.config else v for v in variants]
     work = [v for v in variants if v.kind in ("trace", "probe-rope", "probe-attention")]
-    progress = Steps(Progress(quiet), len(work), sum(camp.is_done(v.name) for v in work))
+    done: dict[str, dict] = {}  # rows reported: from verified traces (reused or new) and probes run now
+    for v in work:  # a resume reuses a traced row only if its trace verifies and its fingerprint matches
+        if v.kind == "trace":
+            facts = camp.reuse(v.name, row_fingerprint(v), say)
+            if facts is not None:
+                done[v.name] = _traced_row(v, facts, (camp.done[v.name] or {}).get("seconds")).to_json()
+        elif camp.is_done(v.name):
+            camp.forget(v.name)  # a module probe keeps no trace to verify: it is run again (seconds)
+    progress = Steps(Progress(quiet), len(work), len(done))
     for v in work:
-        if camp.is_done(v.name):
+        if v.name in done:
             continue
         if v.kind != "trace":
             v = dataclasses.replace(v, config=base)
         started = progress.start(f"{v.name}: {v.change}")
         t0 = time.perf_counter()
+        facts = None
         try:
-            row = _run_variant(v, loaded, camp.trace_path(v.name), sequences)
+            row, facts = _run_variant(v, loaded, camp.trace_path(v.name), sequences)
         except TracerError as e:  # this row cannot run (e.g. a plug-in refuses float32): report it, go on
             if v.name == "baseline":  # the configuration as given must run
                 raise
             row = Row(v.name, v.hypothesis, v.change, "not run", "not run", note=f"not run: {str(e).splitlines()[0]}")
         row.seconds = round(time.perf_counter() - t0, 2)
-        camp.finish(v.name, row.to_json())
+        if row.kind != "not run":  # a row that could not run is tried again on a resume
+            camp.finish(v.name, row.to_json(), facts, row_fingerprint(v) if facts else None)
+        done[v.name] = row.to_json()
         progress.finish(started, f"{row.verdict}; first divergence {where(row.first_divergence)}" if row.kind != "not run" else row.note)
     rows = []
     for v in variants:
-        if v.name in camp.done:
-            rows.append(camp.done[v.name])
+        if v.name in done:
+            rows.append(done[v.name])
         elif v.kind == "same":
-            rows.append({**camp.done["baseline"], "name": v.name, "hypothesis": v.hypothesis, "change": v.change, "kind": "same", "note": "the baseline's configuration"})
+            rows.append({**done["baseline"], "name": v.name, "hypothesis": v.hypothesis, "change": v.change, "kind": "same", "note": "the baseline's configuration"})
         else:
             rows.append(Row(v.name, v.hypothesis, v.change, "n/a", "n/a", note=v.note).to_json())
     _moved_back(rows)

@@ -10,7 +10,8 @@ worst-token relative L2 error (packed vs unpacked) grows by 3x or more; cliffs a
 table and drawn as red lines in the plot (e.g. where bfloat16 can no longer represent integer
 positions, 256: a sequence of 257+ residues has tokens beyond it).
 
-Output folder (rerun the same command to resume; finished lengths are skipped):
+Output folder (rerun the same command to resume; a finished length is reused only if its trace
+verifies and its configuration is unchanged, and is reported from its trace):
 ``manifest.json``, ``traces/L00050.h5`` ..., ``summary.md``, ``summary.json``, ``sweep.png`` and
 ``sweep.svg`` (top: first diverging layer per site against length; middle: per site the worst
 token's relative L2 error of packed vs unpacked; bottom: ``1 - cos`` of the pooled final
@@ -33,7 +34,7 @@ from pathlib import Path
 
 
 from tracer.esm import models
-from tracer.campaigns.campaign import Campaign, run_and_report, TraceFacts, check_folder, file_mode, fmt_cos, where, write_atomic, write_json_atomic
+from tracer.campaigns.campaign import Campaign, run_and_report, TraceFacts, check_folder, file_mode, fingerprint, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, add_run_options, main_guard
 from tracer.env import resolve_device
 from tracer.errors import TracerError
@@ -127,19 +128,26 @@ def run_sweep(base: RunConfig, lengths: list[int], out: Path, force: bool = Fals
         "faults": base.faults.to_dict(), "lengths": lengths, "tensors": tensors,
     }
     camp = Campaign(out, TOOL, key, force)
-    progress = Steps(Progress(quiet), len(lengths), sum(camp.is_done(f"L{n:05d}") for n in lengths))
+    prints = {n: fingerprint(base, {"length": n, "sequence": motif_sequence(n)}) for n in lengths}
+    done: dict[int, dict] = {}  # rows from verified traces only, never the manifest's copies
+    for n in lengths:
+        facts = camp.reuse(f"L{n:05d}", prints[n], say)
+        if facts is not None:
+            done[n] = _row(n, facts)
+    progress = Steps(Progress(quiet), len(lengths), len(done))
     for n in lengths:
         name = f"L{n:05d}"
-        if camp.is_done(name):
+        if n in done:
             continue
         started = progress.start(f"length {n}")
         config = dataclasses.replace(base, out=str(camp.trace_path(name)), force=True)  # our own file
         trace(config, make_batch([(f"L{n}", motif_sequence(n))]), quiet=True, loaded=loaded)
-        row = _row(n, TraceFacts.read(camp.trace_path(name)))
-        camp.finish(name, row)
+        facts = TraceFacts.read(camp.trace_path(name))
+        done[n] = row = _row(n, facts)
+        camp.finish(name, row, facts, prints[n])
         progress.finish(started, f"{row['verdict']}; first divergence {where(row['first_divergence'])}; "
                                  f"pooled cos packed vs unpacked {fmt_cos(row['cos'][PAIRS[0]])}")
-    rows = [camp.done[f"L{n:05d}"] for n in lengths]
+    rows = [done[n] for n in lengths]
     record = {
         "tool": TOOL, "model": arch.name, "num_layers": arch.num_layers, "weights": weights.describe(),
         "weights_fingerprint": weights.fingerprint, "device": str(resolve_device(base.device)), "dtype": base.dtype,

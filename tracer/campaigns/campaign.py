@@ -8,16 +8,29 @@ interrupted campaign resumes where it stopped: rerun the same command and the fi
 skipped. A folder that holds something else is never written into without ``--force``, and even
 then only the campaign's own files are (re)written; nothing is deleted.
 
+A resume reuses a finished run only if (:meth:`Campaign.reuse`) its configuration fingerprint
+(:func:`fingerprint`: the run's configuration and the digest of every plug-in's source file) is
+the one recorded, its trace verifies as ``tracer.compare`` verifies it (checksums, manifest,
+stored summary against stored metrics, metrics against tensors), the trace is the one the row
+recorded (its run id), and the trace says it ran the plug-in source there is now. Otherwise the
+run is done again, with one line saying why. What is reported comes from the verified traces
+(:class:`TraceFacts`), never from the manifest's copy of a row.
+
 Example::
 
     camp = Campaign(Path("exp"), "tracer.experiments", plan={"model": ...}, force=False)
     for name in names:
-        if not camp.is_done(name):
-            camp.finish(name, row_of(trace(..., out=camp.trace_path(name))))
+        facts = camp.reuse(name, fingerprint(config, {"name": name}), say)
+        if facts is None:
+            trace(..., out=camp.trace_path(name))
+            facts = TraceFacts.read(camp.trace_path(name))
+            camp.finish(name, row_of(facts), facts, fp)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -25,13 +38,34 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tracer.capture.provenance import label, plugin_sources
 from tracer.judging.embeddings import pooled_cosines
 from tracer.errors import TracerError
-from tracer.store.trace_file import open_trace
+from tracer.store.trace_file import open_trace, reading
 from tracer.taps import SITES
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: every finished row records its trace's ``run_id`` and its configuration ``fingerprint``."""
+VERDICTS = ("agree", "diverged")
+
+
+def fingerprint(config, extra: dict) -> dict:
+    """What a run's result depends on: ``{"config": digest, "sources": plug-in source digests}``.
+
+    ``config`` is a :class:`tracer.runner.execute.RunConfig` (its output path, ``force`` and
+    command line left out); ``extra`` is what else the row depends on (its name, sequences, ...).
+    """
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("out", "force", "command")}
+    fields["packed"], fields["unpacked"] = label(config.packed), label(config.unpacked)
+    text = json.dumps({"config": fields, **extra}, sort_keys=True, default=_plain)
+    return {"config": hashlib.sha256(text.encode()).hexdigest()[:16], "sources": plugin_sources(config)}
+
+
+def _plain(x):
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    return x.to_dict() if hasattr(x, "to_dict") else str(x)
 
 
 def file_mode() -> int:
@@ -117,9 +151,42 @@ class Campaign:
     def is_done(self, name: str) -> bool:
         return name in self.done
 
-    def finish(self, name: str, row: dict) -> None:
-        """Record a finished run's result row (the manifest is rewritten atomically)."""
-        self.done[name] = row
+    def forget(self, name: str) -> None:
+        """Drop a finished row (it will be run again)."""
+        if self.done.pop(name, None) is not None:
+            self._save()
+
+    def reuse(self, name: str, fp: dict, say) -> "TraceFacts | None":
+        """The verified facts of finished run ``name`` if it may be reused, else ``None`` (the
+        row is dropped and ``say`` gets one line: ``name: why; rerunning``)."""
+        row = self.done.get(name)
+        if row is None:
+            return None
+        facts, why = None, None
+        if not isinstance(row, dict) or "fingerprint" not in row:
+            why = "its row has no configuration fingerprint"
+        elif row["fingerprint"] != fp:
+            why = _changed(row["fingerprint"], fp)
+        else:
+            try:
+                facts = TraceFacts.read(self.trace_path(name))
+            except TracerError as e:
+                why = f"trace fails verification ({e})"
+            else:
+                if facts.run_id != row.get("run_id"):
+                    why = f"its trace is not the one this row recorded (run id {facts.run_id}, recorded {row.get('run_id')})"
+                elif facts.plugin_sources != fp["sources"]:
+                    why = "its trace ran another version of the plug-in source"
+        if why:
+            say(f"{name}: {why}; rerunning")
+            self.forget(name)
+            return None
+        return facts
+
+    def finish(self, name: str, row: dict, facts: "TraceFacts | None" = None, fp: dict | None = None) -> None:
+        """Record a finished run's result row, with its trace's run id and its configuration
+        fingerprint (the manifest is rewritten atomically)."""
+        self.done[name] = {**row, "run_id": facts.run_id if facts else None, "fingerprint": fp}
         self._save()
 
     def _save(self) -> None:
@@ -128,12 +195,28 @@ class Campaign:
         })
 
 
+def _changed(old, new: dict) -> str:
+    """Why a recorded fingerprint differs from the current one, in words."""
+    if not isinstance(old, dict):
+        return "its recorded configuration fingerprint is unreadable"
+    for side, now in new["sources"].items():
+        then = (old.get("sources") or {}).get(side)
+        if then != now:
+            return f"the {side} plug-in source {now.get('file') or now.get('spec')} changed since it ran"
+    if old.get("sources") != new["sources"]:
+        return "its plug-ins changed since it ran"
+    return "its configuration changed since it ran"
+
+
 @dataclass(frozen=True)
 class TraceFacts:
-    """What one trace contributes to a campaign's summary (all from the stored summary and embeddings).
+    """What one trace contributes to a campaign's summary (all from the stored summary and
+    embeddings of a trace verified as ``tracer.compare`` verifies it).
 
     Attributes:
         trace: path of the trace.
+        run_id: the run id of the trace.
+        plugin_sources: the plug-in source digests the trace records (``{}`` for built-in sides).
         verdict: ``diverged`` or ``agree``.
         first: the first divergence as stored (``None`` when the paths agree).
         drifting: which path drifts from the reference (``None`` without a reference).
@@ -144,6 +227,8 @@ class TraceFacts:
     """
 
     trace: str
+    run_id: str
+    plugin_sources: dict
     verdict: str
     first: dict | None
     drifting: str | None
@@ -154,9 +239,18 @@ class TraceFacts:
 
     @classmethod
     def read(cls, path: Path) -> "TraceFacts":
-        with open_trace(path) as t:
-            s = t.summary or {}
+        """The facts of the trace at ``path``, after verifying it as ``tracer.compare`` does
+        (:func:`tracer.judging.tables.summarize`); a trace that does not verify is one
+        :class:`TracerError` line."""
+        from tracer.judging.tables import summarize  # torch-heavy: imported when a trace is read
+
+        with open_trace(path) as t, reading(path):
+            summarize(t)
+            s = t.summary
             cos = pooled_cosines(t)
+            run_id, sources = t.run_id, t.meta.get("plugin_sources", {})
+        if s.get("verdict") not in VERDICTS:
+            raise TracerError(f"{path} is damaged: its stored summary has no verdict ({s.get('verdict')!r})")
         att = s.get("attribution") or {}
         first_layer: dict[str, int | None] = {site: None for site in SITES}
         worst: dict[str, float | None] = {site: None for site in SITES}
@@ -172,7 +266,7 @@ class TraceFacts:
                 first_layer[glob] = -1 if s[glob].get("diverged_tokens") else None
                 worst[glob] = s[glob].get("max_rel_l2")
         return cls(
-            trace=str(path), verdict=s.get("verdict", "agree"), first=s.get("first_divergence"),
+            trace=str(path), run_id=run_id, plugin_sources=sources, verdict=s["verdict"], first=s.get("first_divergence"),
             drifting=att.get("drifting"), off_at_divergence=(att.get("at_divergence") or {}).get("off"),
             cos=cos, first_layer_by_site=first_layer, max_rel_l2_by_site=worst,
         )

@@ -46,6 +46,7 @@ from tracer.capture.control import Control
 from tracer.capture.lockstep import Stream, run_lockstep, tap_group
 from tracer.capture.observe import missing_advice
 from tracer.capture import hf_paths
+from tracer.capture.provenance import plugin_sources
 from tracer.capture.paths import Batch, BuiltinPackedPath, FairEsmPath, TracedPath, encode, reference_path
 from tracer.capture.plugin_state import plugin_view
 from tracer.env import dtype_name, environment, return_freed_memory, tool_version
@@ -162,6 +163,7 @@ def execute(run: _Run, writer: TraceWriter, determinism: dict) -> Outcome:
             run.notes += [f"{side} path: {line}" for line in missing_advice(gone)]
         meta = run_meta(run, names, paths, determinism)
         meta["uncaptured"] = missing
+        meta["plugin_sources"] = plugin_sources(run.plan.config)  # what code each plug-in side ran (resumes compare it)
         if packed_builtin is None:
             meta["packed_rope"] = "plug-in's own"
         say(
