@@ -4,6 +4,7 @@ Every dataset carries a CRC-32 written with it; readers verify them, the compara
 stored against recomputed metrics, and a seeded fuzz test flips bytes all over a small trace.
 """
 
+import json
 import random
 import shutil
 
@@ -16,6 +17,7 @@ from tracer import bundle as bundle_cli
 from tracer import compare
 from tracer import plot as plot_cli
 from tracer.inputs.sequences import debug_batch
+from tracer.store.binding import seed
 from tracer.store.trace_file import checksum, open_trace
 
 
@@ -62,9 +64,11 @@ def test_every_dataset_has_a_checksum_written_with_it(clean):
         names = []
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
         assert len(names) > 150
-        for n in names:
-            assert int(f[n].attrs["crc32"]) == checksum(f[n][()]), n
-        assert int(f.attrs["meta_crc32"]) == checksum(f.attrs["meta"])
+        run_id = f.attrs["run_id"]
+        for n in names:  # bound to the run and the name (tracer.store.binding)
+            assert int(f[n].attrs["crc32"]) == checksum(f[n][()], seed(run_id, n)) != checksum(f[n][()]), n
+        assert int(f.attrs["meta_crc32"]) == checksum(f.attrs["meta"], seed(run_id, "meta"))
+        assert sorted(json.loads(f.attrs["manifest"])["datasets"]) == sorted(names)
     with open_trace(clean) as t:
         assert t.verify() == len(names)
 
@@ -95,7 +99,7 @@ def test_edited_sequence_lengths_are_one_line(clean, tmp_path, capsys):
         code, out, err = outcome(capsys, main, [str(x), *extra])
         assert_one_line(code, err, "sequences/lengths fails its checksum")
     with h5py.File(x, "r+") as f:  # the checksum updated too: the records still disagree
-        f["sequences/lengths"].attrs["crc32"] = checksum(f["sequences/lengths"][()])
+        f["sequences/lengths"].attrs["crc32"] = checksum(f["sequences/lengths"][()], seed(f.attrs["run_id"], "sequences/lengths"))
     code, out, err = outcome(capsys, compare.main, [str(x)])
     assert_one_line(code, err, "sequence records")
 
@@ -107,7 +111,7 @@ def test_stored_metrics_are_cross_checked_against_the_tensors(clean, tmp_path, c
         values = ds[()]
         values[5, 10] *= 3
         ds[...] = values
-        ds.attrs["crc32"] = checksum(values)  # consistent checksum: only the cross-check can tell
+        ds.attrs["crc32"] = checksum(values, seed(f.attrs["run_id"], ds.name))  # consistent checksum: only the cross-check can tell
     code, out, err = outcome(capsys, compare.main, [str(x)])
     assert_one_line(code, err, "the stored packed-vs-unpacked rel_l2 of")
     assert "but the tensors give" in err[0] and out == ""

@@ -123,7 +123,9 @@ def _load_file(path: Path, spec: str, side: str):
     if not path.is_file():
         raise TracerError(f"--{side} {spec!r}: {path} does not exist" if not path.exists() else f"--{side} {spec!r}: {path} is not a file")
     resolved = path.resolve()
-    name = "tracer_plugin_" + hashlib.sha1(str(resolved).encode()).hexdigest()[:12] + "_" + _identifier(path.stem)
+    # keyed by the file's bytes too: an edited file is loaded afresh, so the code that runs is the code whose
+    # digest the trace records (tracer.capture.provenance)
+    name = "tracer_plugin_" + hashlib.sha1(str(resolved).encode() + resolved.read_bytes()).hexdigest()[:12] + "_" + _identifier(path.stem)
     if name in sys.modules:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, resolved)
