@@ -102,23 +102,37 @@ def describe_missing(key: str) -> str:
     return key
 
 
-def manifest_problem(listed: dict, present: set[str], meta: dict) -> str | None:
+def datasets(file) -> list[str]:
+    """Every dataset of an open h5py file (names without the leading slash)."""
+    import h5py
+
+    names: list[str] = []
+    file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def manifest_problem(listed, file, meta: dict) -> str | None:
     """What is wrong between a trace's manifest (``listed``, as :func:`manifest_text` wrote it),
-    the datasets in the file (``present``) and what the meta promises; ``None`` if nothing."""
-    datasets = set(listed.get("datasets", []))
-    missing = sorted(datasets - present)
+    the datasets and records in the open h5py ``file`` and what the meta promises (one clause),
+    or ``None``."""
+    if not isinstance(listed, dict) or not isinstance(listed.get("datasets"), list):
+        return "is damaged: its manifest record is not a manifest"
+    present = set(datasets(file))
+    datasets_listed = set(listed["datasets"])
+    missing = sorted(datasets_listed - present)
     if missing:
         more = f" ({len(missing)} datasets its manifest lists are gone)" if len(missing) > 1 else ""
         return f"is missing {describe_missing(missing[0])}{more}; its run wrote it"
-    extra = sorted(present - datasets)
+    extra = sorted(present - datasets_listed)
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         return f"holds /{extra[0]}{more}, which its run did not write (not in its manifest)"
-    unlisted = sorted(promised(meta) - datasets)
+    unlisted = sorted(promised(meta) - datasets_listed)
     if unlisted:
         return f"is missing {describe_missing(unlisted[0])}, which its meta record promises (not in its manifest)"
     records = set(listed.get("records", []))
     needed = {"meta", "summary"} if isinstance(meta.get("taps"), list) else {"meta"}
     if not needed <= records:
         return f"has a manifest without the {', '.join(sorted(needed - records))} record"
-    return None
+    gone = sorted(r for r in records if r not in file.attrs)
+    return f"is missing its {gone[0]} record" if gone else None

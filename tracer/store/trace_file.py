@@ -258,9 +258,7 @@ class TraceWriter:
         """Mark complete, flush, fsync, close and move into place (never replacing a file that
         appeared meanwhile unless ``force``); fsync the folder. Returns the final path."""
         t0 = time.perf_counter()
-        datasets: list[str] = []
-        self.file.visititems(lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None)
-        self.set_json_text("manifest", binding.manifest_text(datasets, self._records))
+        self.set_json_text("manifest", binding.manifest_text(binding.datasets(self.file), self._records))
         self.file.attrs["complete"] = True
         self.file.flush()
         self.file.close()
@@ -359,14 +357,7 @@ class Trace:
     def _check_manifest(self) -> None:
         """Refuse a file whose datasets differ from its manifest, or whose manifest lacks what
         the meta record promises (:func:`tracer.store.binding.manifest_problem`)."""
-        manifest = self._record("manifest")
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("datasets"), list):
-            raise TracerError(f"{self.path} is damaged: its manifest record is not a manifest")
-        present: list[str] = []
-        self.file.visititems(lambda name, obj: present.append(name) if isinstance(obj, h5py.Dataset) else None)
-        problem = binding.manifest_problem(manifest, set(present), self.meta)
-        if problem is None:
-            problem = next((f"is missing its {r} record" for r in manifest.get("records", []) if r not in self.file.attrs), None)
+        problem = binding.manifest_problem(self._record("manifest"), self.file, self.meta)
         if problem:
             raise TracerError(f"{self.path} {problem}; no verdict is given from an incomplete or altered trace")
 
@@ -470,8 +461,7 @@ class Trace:
         Raises :class:`TracerError` naming the first damaged dataset.
         """
         self._check_manifest()
-        names: list[str] = []
-        self.file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        names = binding.datasets(self.file)
         for name in names:
             ds = self.file[name]
             if name.startswith("taps/"):
