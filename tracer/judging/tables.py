@@ -211,14 +211,14 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
     resume) goes through here, so each verifies as strictly as ``tracer.compare``.
     """
     stored = stored_table(trace)
+    has_tensors = trace.meta.get("tensors", "full") == "full" and {"unpacked", "packed"} <= set(trace.paths)
+    table = stored
+    if recompute and has_tensors:  # tensors -> stored metrics -> stored summary, each checked
+        table = recomputed_table(trace)
+        cross_check(trace, table, stored)
     check_summary(trace, stored)
     for path in ("unpacked", "packed", "reference"):  # small; read to check them (reports quote them)
         trace.embeddings(path)
-    has_tensors = trace.meta.get("tensors", "full") == "full" and {"unpacked", "packed"} <= set(trace.paths)
-    table = stored
-    if recompute and has_tensors:
-        table = recomputed_table(trace)
-        cross_check(trace, table, stored)
     has_ref = table.has("packed-vs-reference")
     rule = rule or default_rule(trace.meta["dtype"], has_ref)
     if rule.kind == "noise" and not has_ref:
