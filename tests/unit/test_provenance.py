@@ -29,6 +29,6 @@ def test_module_spec_digest_is_of_the_module_file(tmp_path, monkeypatch):
 
 
 def test_builtin_sides_have_no_source_and_callables_have_their_file():
-    assert plugin_sources(RunConfig()) == {}
+    assert plugin_sources(RunConfig()) == {} == plugin_sources(RunConfig(packed="hf", unpacked="hf"))
     digest = plugin_sources(RunConfig(packed=test_builtin_sides_have_no_source_and_callables_have_their_file))["packed"]
     assert digest["file"] == __file__ and digest["spec"].startswith("callable ")

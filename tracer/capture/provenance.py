@@ -3,8 +3,8 @@ when a campaign resumes (:mod:`tracer.campaigns.campaign`).
 
 The source of a SPEC is one file: ``path/to/file.py:factory`` -> that file; ``pkg.mod:factory``
 -> the module's file (as the import system finds it now); a factory callable (Python API) -> the
-file ``inspect`` finds for it. The built-in sides (``builtin``, ``fair-esm``) have none: their
-code is tracer's and fair-esm's, whose versions the trace records.
+file ``inspect`` finds for it. The built-in sides (``builtin``, ``fair-esm``, ``hf``) have none:
+their code is tracer's, fair-esm's or transformers', whose versions the trace records.
 
 Example::
 
@@ -21,6 +21,8 @@ import inspect
 from pathlib import Path
 
 BUILTIN = {"packed": "builtin", "unpacked": "fair-esm"}
+SHIPPED = ("hf",)
+"""Side specs that name code shipped with tracer or its dependencies, not a user's file."""
 
 
 def label(spec) -> str:
@@ -62,6 +64,6 @@ def plugin_sources(config) -> dict:
     out = {}
     for side, builtin in BUILTIN.items():
         spec = getattr(config, side, builtin)
-        if spec is not None and not (isinstance(spec, str) and spec == builtin):
+        if spec is not None and not (isinstance(spec, str) and spec in (builtin, *SHIPPED)):
             out[side] = source_digest(spec)
     return out
