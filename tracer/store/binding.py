@@ -1,5 +1,5 @@
 """What binds a trace's contents to the run that wrote them: a run id, run-bound checksums and
-a manifest (trace schema 3).
+a manifest (trace schema 4).
 
 * **Run id.** A writer draws a random 128-bit id (``uuid4().hex``) when it opens; it is the
   root attribute ``run_id`` and is repeated in the ``meta`` record.
