@@ -88,7 +88,7 @@ def test_bench_write_is_timed_to_durable_data(tmp_path, monkeypatch):
     import h5py
 
     from tests.conftest import run
-    from tracer import bench
+    from tracer.benchmarks import disk
     from tracer.inputs.sequences import debug_batch
 
     trace = run(tmp_path, debug_batch(10), name="t.h5").path
@@ -99,7 +99,7 @@ def test_bench_write_is_timed_to_durable_data(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     folder = tmp_path / "bench"
     folder.mkdir()
-    seconds, nbytes = bench.tracer_write(folder, trace)
+    seconds, nbytes = disk.tracer_write(folder, trace)
     assert nbytes == want and seconds > 0 and synced
     assert not list(folder.iterdir())
 def test_negative_max_batch_tokens_is_one_line_error(capsys):

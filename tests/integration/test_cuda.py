@@ -121,7 +121,7 @@ def test_sub_batches_on_cuda_give_the_same_verdict(tmp_path):
 
 
 def test_device_memory_bounded_by_one_layer_on_cuda(tmp_path):
-    from tracer.bench import production_batch
+    from tracer.benchmarks.production import production_batch
 
     r = run(tmp_path, production_batch(16), device="cuda", metrics_only=True)
     m, est = r.memory, r.estimate
