@@ -100,9 +100,12 @@ def architecture(name: str) -> Architecture:
         ) from None
 
 
-def empty_esm2(arch: Architecture) -> ESM2:
-    """fair-esm's ESM2 module of this shape (weights as fair-esm initialises them)."""
-    return ESM2(
+def empty_esm2(arch: Architecture, skeleton: bool = False) -> ESM2:
+    """fair-esm's ESM2 module of this shape (weights as fair-esm initialises them; ``skeleton``:
+    on the meta device, no initialisers run, :mod:`tracer.esm.skeleton`)."""
+    from tracer.esm.skeleton import esm2_skeleton
+
+    return (esm2_skeleton if skeleton else ESM2)(
         num_layers=arch.num_layers,
         embed_dim=arch.embed_dim,
         attention_heads=arch.heads,

@@ -107,8 +107,7 @@ def build_from_checkpoint(data: dict, arch: Architecture, path: str | Path) -> E
     """
     prefix = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")  # fair-esm's upgrade_state_dict
     state = {prefix.sub("", k): v for k, v in data["model"].items()}
-    with torch.device("meta"):  # no allocation, no init: the checkpoint's tensors are assigned
-        model = empty_esm2(arch)
+    model = empty_esm2(arch, skeleton=True)  # no data, no init: the checkpoint's tensors are assigned
     expected = set(model.state_dict())
     optional = {k for k in expected if k.startswith("contact_head.") or k.endswith("rot_emb.inv_freq")}
     missing = sorted(expected - set(state) - optional)

@@ -83,9 +83,18 @@ def set_precision(model: ESM2, device: torch.device, dtype: torch.dtype, progres
     if device.type == "cuda":
         to_device_pinned(model, device, progress=progress)
     model.to(device=device, dtype=dtype)
-    for layer, inv in zip(model.layers, loaded):
-        layer.self_attn.rot_emb.inv_freq = inv.to(device=device, dtype=dtype)
+    for layer, inv in zip(model.layers, rotary_on(loaded, device, dtype)):
+        layer.self_attn.rot_emb.inv_freq = inv
     reset_rotary_caches(model)
+
+
+def rotary_on(loaded: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Every layer's loaded ``inv_freq`` cast to ``dtype`` on ``device``, in one host-to-device
+    copy (a copy per layer waits for the device each time); the values are exactly
+    ``inv.to(device, dtype)`` of each."""
+    if len({(t.shape, t.dtype) for t in loaded}) != 1:  # pragma: no cover (ESM-2 layers share one shape)
+        return [inv.to(device=device, dtype=dtype) for inv in loaded]
+    return list(torch.stack(loaded).to(device=device, dtype=dtype).unbind(0))
 
 
 def to_device_pinned(model: ESM2, device: torch.device, chunk: int = 64 << 20, progress=None) -> int:
@@ -151,6 +160,10 @@ def _set_rotary(layer, inv_freq: torch.Tensor) -> None:
     rot._seq_len_cached = rot._cos_cached = rot._sin_cached = None
 
 
+_TWINS: dict[tuple, ESM2] = {}
+"""Reusable meta-device skeletons of :func:`upcast_twin`, by shape (one per shape, taken while in use)."""
+
+
 @contextlib.contextmanager
 def upcast_twin(model: ESM2, dtype: torch.dtype):
     """fair-esm's ESM2 of ``model``'s shape whose weights are exact up-casts of ``model``'s, one layer at a time.
@@ -170,8 +183,12 @@ def upcast_twin(model: ESM2, dtype: torch.dtype):
         with upcast_twin(model, torch.float32) as ref:
             ref(tokens, repr_layers=[ref.num_layers])
     """
-    with torch.device("meta"):
-        twin = ESM2(
+    from tracer.esm.skeleton import esm2_skeleton
+
+    key = (model.num_layers, model.embed_dim, model.attention_heads, id(model.alphabet), model.token_dropout)
+    twin = _TWINS.pop(key, None)  # a skeleton of this shape left by an earlier run (building one costs ~0.1 s)
+    if twin is None:
+        twin = esm2_skeleton(
             num_layers=model.num_layers,
             embed_dim=model.embed_dim,
             attention_heads=model.attention_heads,
@@ -184,6 +201,7 @@ def upcast_twin(model: ESM2, dtype: torch.dtype):
     twin.eval().requires_grad_(False)
 
     inside = [0] * model.num_layers  # forwards inside each layer (sub-batches park mid-layer)
+    rotary = rotary_on([loaded_inv_freq(layer.self_attn.rot_emb) for layer in model.layers], device, dtype)  # copied once
 
     def materialise(i):
         def hook(module, args):
@@ -192,7 +210,7 @@ def upcast_twin(model: ESM2, dtype: torch.dtype):
                 module.load_state_dict(state, assign=True)
                 module.requires_grad_(False)
                 # the loaded buffer cast to dtype, as set_precision does
-                _set_rotary(module, loaded_inv_freq(model.layers[i].self_attn.rot_emb).to(device=device, dtype=dtype))
+                _set_rotary(module, rotary[i])
             inside[i] += 1
 
         return hook
@@ -215,7 +233,9 @@ def upcast_twin(model: ESM2, dtype: torch.dtype):
     finally:
         for h in handles:
             h.remove()
-        del twin
+        twin.to_empty(device="meta")  # no data outlives the call
+        reset_rotary_caches(twin)
+        _TWINS[key] = twin  # the twin holds model.alphabet, so its id in the key stays valid
 
 
 @contextlib.contextmanager

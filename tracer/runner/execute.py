@@ -464,7 +464,7 @@ def _deterministic():
     import torch.utils.deterministic as det
 
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _set_deterministic(True, warn_only=True)
     det.fill_uninitialized_memory = False
     try:
         yield {  # what torch reports now, recorded in the trace (not what was asked for)
@@ -473,8 +473,19 @@ def _deterministic():
             "fill_uninitialized_memory": bool(det.fill_uninitialized_memory),
         }
     finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        _set_deterministic(saved[0], warn_only=saved[1])
         det.fill_uninitialized_memory = saved[2]
+
+
+def _set_deterministic(mode: bool, warn_only: bool) -> None:
+    """``torch.use_deterministic_algorithms`` without its first line, which imports
+    ``torch._inductor.config`` (and with it ``torch._dynamo``: about 1 s on a CPU) only to set
+    inductor's own flag; tracer compiles nothing."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # pragma: no cover (a PyTorch without the private setter)
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
 
 
 @contextlib.contextmanager

@@ -113,10 +113,9 @@ def parameter_counts(num_layers: int, embed_dim: int, heads: int) -> tuple[int, 
     """``(total, one layer, outside the layers)`` parameter+buffer elements of fair-esm's ESM2."""
     key = (num_layers, embed_dim, heads)
     if key not in _PARAMS:
-        from esm.model.esm2 import ESM2
+        from tracer.esm.skeleton import esm2_skeleton
 
-        with torch.device("meta"):
-            m = ESM2(num_layers=1, embed_dim=embed_dim, attention_heads=heads)
+        m = esm2_skeleton(num_layers=1, embed_dim=embed_dim, attention_heads=heads)
         layer = sum(t.numel() for t in m.layers[0].state_dict().values())
         outer = sum(t.numel() for k, t in m.state_dict().items() if not k.startswith("layers.") and not k.startswith("contact_head."))
         outer += num_layers * heads + 1  # contact head regression
