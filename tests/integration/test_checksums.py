@@ -91,6 +91,23 @@ def test_verify_passes_on_a_clean_trace(clean, capsys):
     assert code == 0 and "checksums verified" in err[0] and "\nverdict" in out
 
 
+def test_verify_reads_each_tap_once_when_the_metrics_are_recomputed(clean, tmp_path, capsys, monkeypatch):
+    """``--verify`` leaves the taps to the recompute, which checks each one as it reads it."""
+    from tracer.store.trace_file import Trace
+
+    checked = []
+    real = Trace.check
+    monkeypatch.setattr(Trace, "check", lambda self, ds, data: (checked.append(ds.name), real(self, ds, data))[1])
+    code, out, err = outcome(capsys, compare.main, [str(clean), "--verify"])
+    assert code == 0 and not [n for n in checked if n.startswith("/taps/")]
+    x = copy(clean, tmp_path)  # a damaged tap is still named, by the recompute's own check
+    offset, size = tap_offset(x, "taps/unpacked/layers.1.ctx")
+    flip(x, offset + size // 2)
+    code, out, err = outcome(capsys, compare.main, [str(x), "--verify"])
+    assert_one_line(code, err[-1:], "/taps/unpacked/layers.1.ctx fails its checksum")  # after the line of verified non-tap data
+    assert out == ""
+
+
 def test_edited_sequence_lengths_are_one_line(clean, tmp_path, capsys):
     x = copy(clean, tmp_path)
     with h5py.File(x, "r+") as f:

@@ -202,6 +202,11 @@ def recomputed_table(trace: Trace, workers: int | None = None) -> MetricsTable:
     return MetricsTable(list(names), table, local)
 
 
+def recomputes(trace: Trace, recompute: bool = True) -> bool:
+    """Whether :func:`summarize` recomputes the metrics from (and so reads and checks) every tap tensor."""
+    return recompute and trace.meta.get("tensors", "full") == "full" and {"unpacked", "packed"} <= set(trace.paths)
+
+
 def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) -> Summary:
     """Judge one trace (recomputing metrics from tensors when it has them), after checking that
     its stored summary is what its stored metrics give (:func:`check_summary`) and reading its
@@ -211,9 +216,8 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
     resume) goes through here, so each verifies as strictly as ``tracer.compare``.
     """
     stored = stored_table(trace)
-    has_tensors = trace.meta.get("tensors", "full") == "full" and {"unpacked", "packed"} <= set(trace.paths)
     table = stored
-    if recompute and has_tensors:  # tensors -> stored metrics -> stored summary, each checked
+    if recomputes(trace, recompute):  # tensors -> stored metrics -> stored summary, each checked
         table = recomputed_table(trace)
         cross_check(trace, table, stored)
     check_summary(trace, stored)
