@@ -51,10 +51,22 @@ class Backend:
     version: str | None = None
 
 
+_BOUNDS: list = [None, None]
+"""The last ``cu_seqlens`` tensor seen and its values on the host (every layer passes the same one)."""
+
+
+def _host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens.tolist()``, read from the device once per tensor, not once per layer (each
+    read waits for the device to drain). Offsets tensors are never written in place."""
+    if _BOUNDS[0] is not cu_seqlens:
+        _BOUNDS[:] = [cu_seqlens, cu_seqlens.tolist()]
+    return _BOUNDS[1]
+
+
 def math_attention(q, k, v, cu_seqlens, max_seqlen, scale):
     """Exact per-sequence attention with fair-esm's numerics (see module docstring)."""
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
+    bounds = _host_bounds(cu_seqlens)
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs = q[start:end].transpose(0, 1)  # (H, L, d)
         ks = k[start:end].transpose(0, 1)

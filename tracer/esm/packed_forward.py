@@ -165,20 +165,24 @@ class PackedESM2(nn.Module):
             bad_pos = bad_pos.to(torch.bfloat16).long()
         shared: dict[tuple, tuple[Rope, Rope]] = {}
         tables = []
-        for layer in self.esm.layers:
-            rot = layer.self_attn.rot_emb
-            inv = loaded_inv_freq(rot) if self.rope_mode == "fp32" else rot.inv_freq
-            key = (inv.dtype, tuple(inv.tolist()))
+        invs = [loaded_inv_freq(layer.self_attn.rot_emb) if self.rope_mode == "fp32" else layer.self_attn.rot_emb.inv_freq
+                for layer in self.esm.layers]
+        values = torch.stack(invs).tolist() if len({(t.shape, t.dtype, t.device) for t in invs}) == 1 else [t.tolist() for t in invs]  # one read
+        for inv, value in zip(invs, values):
+            key = (inv.dtype, tuple(value))
             if key not in shared:
                 good = Rope(self.rope_mode, positions, inv)
                 shared[key] = (good, good if bad_pos is positions else Rope(self.rope_mode, bad_pos, inv))
             tables.append(shared[key])
         return tables
 
-    def run_layer(self, i: int, x: torch.Tensor, layout: Layout, tables=None) -> torch.Tensor:
-        """Layer ``i`` alone on a packed ``(N, E)`` input (used to split local from inherited error)."""
+    def run_layer(self, i: int, x: torch.Tensor, layout: Layout, tables=None, cu=None) -> torch.Tensor:
+        """Layer ``i`` alone on a packed ``(N, E)`` input (used to split local from inherited error).
+
+        ``cu``: ``layout.cu_seqlens`` on ``x``'s device, when the caller has it (a host-to-device
+        copy per layer would wait for the device each time)."""
         good, bad = (tables or self.rope_tables(layout, x.device))[i]
-        cu = layout.cu_seqlens.to(x.device)
+        cu = layout.cu_seqlens.to(x.device) if cu is None else cu
         rope = bad if self.faults.at(i) else good
         return self.layers[i](x, rope, cu, layout.max_seqlen, self.backend, self.faults)
 
@@ -186,6 +190,7 @@ class PackedESM2(nn.Module):
         """``tokens``: ``(N,)`` packed token ids -> ``(N, E)`` final representations."""
         x = self.embed_tokens(tokens, layout)
         tables = self.rope_tables(layout, tokens.device)
+        cu = layout.cu_seqlens.to(tokens.device)  # (S+1,) int32, copied once
         for i in range(len(self.layers)):
-            x = self.run_layer(i, x, layout, tables)
+            x = self.run_layer(i, x, layout, tables, cu)
         return self.final_norm(self.esm.emb_layer_norm_after(x))
