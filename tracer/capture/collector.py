@@ -16,7 +16,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from tracer.judging.metrics import from_sums, round_to, token_sums
+from tracer.judging.metrics import from_sums, norms, round_to, token_sums
 from tracer.judging.pairs import PAIRS
 from tracer.judging.verdict import ROUNDED
 from tracer.store.tap_writer import Ledger, nbytes
@@ -53,6 +53,7 @@ class Collector:
         self.pairs = {k: v for k, v in PAIRS.items() if set(v) <= set(paths)}
         self.metrics: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # pair -> tap -> (5, N) sums
         self.pending: list[tuple[str, str]] = []  # (pair, tap) ready to compute
+        self._norms: dict[tuple[str, str], torch.Tensor] = {}  # (path, tap) -> (N,) norms, CPU flushes only
 
     def recorder(self, path: str):
         """The ``record(name, tensor)`` callback for ``path``'s hooks."""
@@ -83,13 +84,41 @@ class Collector:
         return self.held[a][name], self.held[b][name]
 
     def flush(self) -> None:
-        """Compute every pending pair (batched by shape and dtypes), then release what is done."""
+        """Compute every pending pair, then release what is done.
+
+        On a GPU the run is bound by kernel launches, so pairs of one shape and dtypes are
+        stacked and reduced together (a handful of kernels per batch). On a CPU it is bound by
+        memory traffic, so each pair is reduced in place, and each tap's norm is computed once
+        for all the pairs it is in (not stacked, not recomputed per pair).
+        """
+        pending, self.pending = self.pending, []
+        if pending and self._device(pending[0]).type != "cpu":
+            self._flush_batched(pending)
+            return
+        for pair, name in pending:
+            a, b = self._operands(pair, name)
+            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)  # (N, F)
+            na = norms(a) if pair == ROUNDED else self._norm(self.pairs[pair][0], name, a)
+            nb = self._norm("reference" if pair == ROUNDED else self.pairs[pair][1], name, b)
+            self.metrics[pair][name] = token_sums(a, b, na, nb)  # (5, N)
+            self._release(name)
+
+    def _device(self, item: tuple[str, str]) -> torch.device:
+        return self._operands(*item)[1].device
+
+    def _norm(self, path: str, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``norms(x)`` of ``path``'s tap ``name``, computed once while the tap is held."""
+        key = (path, name)
+        if key not in self._norms:
+            self._norms[key] = norms(x)
+        return self._norms[key]
+
+    def _flush_batched(self, pending: list[tuple[str, str]]) -> None:
         groups: dict[tuple, list[tuple[str, str, torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        for pair, name in self.pending:
+        for pair, name in pending:
             a, b = self._operands(pair, name)
             a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)  # (N, F)
             groups[(a.shape, a.dtype, b.dtype, a.device)].append((pair, name, a, b))
-        self.pending = []
         for items in groups.values():
             out = token_sums(torch.stack([x[2] for x in items]), torch.stack([x[3] for x in items]))  # (K, 5, N)
             for (pair, name, _, _), m in zip(items, out):
@@ -105,6 +134,7 @@ class Collector:
                 pairs.append(ROUNDED)
             if path not in self.keep and name in self.held[path] and all(name in self.metrics[pair] for pair in pairs):
                 self.ledger.sub(nbytes(self.held[path].pop(name)))
+                self._norms.pop((path, name), None)
 
     def table(self) -> dict[str, dict[str, np.ndarray]]:
         """``{pair: {metric: (T, N) float32}}`` over :attr:`names` (rows of missing taps are NaN)."""
