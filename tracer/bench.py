@@ -48,10 +48,10 @@ def run_bench(model, seq_len, device, dtype, repeats, folder, attn, say):  # the
     return run(model, seq_len, device, dtype, repeats, folder, attn, say=say)
 
 
-def run_production(model, n, device, dtype, attn, folder, repeats, say):
+def run_production(model, n, device, dtype, attn, folder, repeats, say, built=None):
     from tracer.benchmarks.production import run_production as run
 
-    return run(model, n, device, dtype, attn, folder, repeats, say=say)
+    return run(model, n, device, dtype, attn, folder, repeats, say=say, built=built)
 
 
 def raw_write(folder: Path, nbytes: int) -> float:
@@ -131,8 +131,9 @@ def main(argv=None) -> int:
         if not args.skip_debug:
             result["debug"] = run_bench(args.model, args.seq_len, args.device, args.dtype, args.repeats, folder, args.attn, say)
         if args.production or args.time_to_verdict:
+            load = result.get("debug", {}).get("load", {})
             result["production"] = run_production(args.model, args.production, args.device, args.dtype, args.attn, folder,
-                                                  args.production_repeats, say)
+                                                  args.production_repeats, say, built=load if load.get("built") else None)
     finally:
         ctx.cleanup()
     result["seconds"] = time.perf_counter() - t0

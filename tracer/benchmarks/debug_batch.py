@@ -80,7 +80,11 @@ def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Pa
     ref_dtype = reference_dtype("auto", dtype)
     backend = attention.resolve(attn, device, dtype)
     say(f"bench: loading {model_name} (random weights)")
+    cached = models.random_cache_path(models.architecture(model_name), 0)
+    built = cached is None or not cached.exists()
+    t0 = time.perf_counter()
     loaded = models.load_model(model_name, "random", 0)
+    load_seconds = time.perf_counter() - t0
     models.wait_for_cache_writes()  # a first build writes the weights cache (GBs) in the background: not while timing
     model, arch, _ = loaded
     seqs = debug_batch(seq_len)
@@ -104,6 +108,7 @@ def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Pa
         "dtype": dtype_name_, "reference": dtype_name(ref_dtype) if ref_dtype is not None else None, "backend": backend.name,
         "device": environment(device)["device_name"], "device_type": device.type, "repeats": repeats, "times": times,
         "bare_seconds": bare_each, "bare_total_seconds": bare_total, "traced_seconds": full_s, "metrics_only_seconds": mo_s,
+        "load": {"seconds": load_seconds, "built": built, "parameters": sum(p.numel() for p in model.parameters())},
         "traced_timings": full.timings, "metrics_only_timings": last["metrics-only"].timings,
         "verdict": full.summary.verdict, "first_divergence": full.summary.to_json()["first_divergence"],
     }

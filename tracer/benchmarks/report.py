@@ -27,7 +27,7 @@ TARGETS = {
     "production_metrics_only_over_bare": ("<=", {"cuda": 1.3, "cpu": 1.5}),
     "cached_time_to_verdict_seconds": ("<=", {"cuda": 10.0}),
     "first_run_over_cached_plus_build": ("<=", 1.5),
-    "load_over_limit": ("<=", 1.5),
+    "load_over_limit": ("<=", {"cuda": 1.5}),  # on a CPU "to device" is a dtype conversion, not staging
 }
 """Target of each check: (comparison, bound); a bound per device type applies to that type only."""
 
@@ -135,7 +135,7 @@ def format_text(r: dict) -> str:
     p = r.get("production")
     if p:
         lines.append("production batch and time to verdict:")
-        if "error" in p.get("batch", {}):
+        if "error" in (p.get("batch") or {}):
             lines.append(f"  production batch failed: {p['batch']['error']}")
         lines += format_checks(p["checks"])
     return "\n".join(lines)

@@ -38,9 +38,9 @@ def in_fresh_thread(fn: Callable[[], object], device: torch.device | None = None
     box: dict = {}
 
     def body() -> None:
-        if device is not None and device.type == "cuda":
-            torch.cuda.set_device(device)  # the current device is per thread
         try:
+            if device is not None and device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # the current device is per thread
             sync(device)
             t = time.perf_counter()
             box["result"] = fn()
