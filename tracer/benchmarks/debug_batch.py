@@ -57,7 +57,8 @@ def bare_sides(model, batch, device, dtype, ref_dtype, backend, paths: list[str]
     def before(side: str) -> None:
         want = ref_dtype if side == f"bare {REFERENCE}" else dtype
         if side.startswith("bare") and state["dtype"] != want:
-            models.set_precision(model, device, want)
+            with torch.inference_mode():  # as trace() converts it: the weights stay inference tensors
+                models.set_precision(model, device, want)
             state["dtype"] = want
         elif not side.startswith("bare"):
             state["dtype"] = None  # the traced run sets its own precision
