@@ -10,7 +10,8 @@ On one model and the debug batch (:mod:`tracer.benchmarks.debug_batch`): the bar
 every path a traced run runs, against the traced run with full tensors and with
 ``--metrics-only``, every side timed the same way (a fresh thread per call, repeats interleaved
 across sides, medians); tracer's writer against a raw sequential write of the same bytes; the
-comparator in a fresh process; a compression study; the noise calibration. With
+comparator in a fresh process; a compression study; the noise calibration (the margins of K,
+:mod:`tracer.campaigns.calibration`; ``--calibrate-only`` measures just that). With
 ``--production N`` (:mod:`tracer.benchmarks.production`): a production batch of N sequences,
 time to verdict of ``tracer.run`` (weights built and cached), building the random weights, and
 the checkpoint load against a file read plus a pinned copy.
@@ -42,10 +43,10 @@ from tracer.errors import TracerError
 DTYPES = ["bfloat16", "float16", "float32"]
 
 
-def run_bench(model, seq_len, device, dtype, repeats, folder, attn, say):  # the debug batch (lazy import: --markdown needs no torch)
+def run_bench(model, seq_len, device, dtype, repeats, folder, attn, say, packed_specs=()):  # lazy: --markdown needs no torch
     from tracer.benchmarks.debug_batch import run_bench as run
 
-    return run(model, seq_len, device, dtype, repeats, folder, attn, say=say)
+    return run(model, seq_len, device, dtype, repeats, folder, attn, say=say, packed_specs=packed_specs)
 
 
 def run_production(model, n, device, dtype, attn, folder, repeats, say, built=None):
@@ -80,6 +81,9 @@ def build_parser() -> Parser:
     p.add_argument("--time-to-verdict", action="store_true", help="measure time to verdict and load time (as --production) without a production batch")
     p.add_argument("--production-repeats", type=int, default=1, help="timed repeats of the production batch and its bare forwards (default 1, after a warm-up)")
     p.add_argument("--skip-debug", action="store_true", help="skip the debug-batch measurements")
+    p.add_argument("--calibrate-only", action="store_true", help="measure only the noise calibration (margins of K), no timings")
+    p.add_argument("--calibrate-packed", action="append", default=[], metavar="SPEC",
+                   help="also calibrate on this packed plug-in (repeatable), e.g. a shared-cause forward: its worst token in units of K")
     return p
 
 
@@ -128,8 +132,14 @@ def main(argv=None) -> int:
                     "date": time.strftime("%Y-%m-%d"), "machine": _machine(args.device)}
     t0 = time.perf_counter()
     try:
-        if not args.skip_debug:
-            result["debug"] = run_bench(args.model, args.seq_len, args.device, args.dtype, args.repeats, folder, args.attn, say)
+        if args.calibrate_only:
+            from tracer.campaigns.calibration import run_calibration
+
+            result["calibration"] = run_calibration(args.model, args.seq_len, args.device, args.dtype, args.attn, folder,
+                                                    args.calibrate_packed, say)
+        elif not args.skip_debug:
+            result["debug"] = run_bench(args.model, args.seq_len, args.device, args.dtype, args.repeats, folder, args.attn, say,
+                                        args.calibrate_packed)
         if args.production or args.time_to_verdict:
             load = result.get("debug", {}).get("load", {})
             result["production"] = run_production(args.model, args.production, args.device, args.dtype, args.attn, folder,
@@ -142,6 +152,12 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.json == "-":
         print(json.dumps(result, indent=2))
+    elif args.calibrate_only:
+        from tracer.campaigns.calibration import format_calibration
+
+        c = result["calibration"]
+        print(f"tracer bench: {c['model']}, {c['dtype']} on {c['device']}, attention {c['backend']}; calibration took {c['seconds']:.0f} s")
+        print("\n".join(format_calibration(c["calibration"])))
     else:
         from tracer.benchmarks.report import format_text
 

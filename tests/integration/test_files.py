@@ -103,7 +103,7 @@ def test_bench_removes_only_what_it_created(tmp_path, monkeypatch, capsys):
         (d / name).write_bytes(data)
     seen = []
 
-    def fake_run_bench(model, seq_len, device, dtype, repeats, folder, attn, say):
+    def fake_run_bench(model, seq_len, device, dtype, repeats, folder, attn, say, packed_specs=()):
         seen.append(folder)
         bench_cli.raw_write(folder, 1 << 16)  # the real scratch write (and its removal)
         (folder / "bench-full.h5").write_bytes(b"a trace of this run")

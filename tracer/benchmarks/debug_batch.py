@@ -74,8 +74,9 @@ def _traced(config: RunConfig, seqs, loaded):
     return run
 
 
-def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Path, attn="auto", say=print) -> dict:
-    """The debug-batch measurements (module docstring) as a JSON-ready dict with its checks."""
+def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Path, attn="auto", say=print, packed_specs=()) -> dict:
+    """The debug-batch measurements (module docstring) as a JSON-ready dict with its checks;
+    ``packed_specs``: plug-ins the noise calibration also measures."""
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name_)
     ref_dtype = reference_dtype("auto", dtype)
@@ -116,10 +117,10 @@ def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Pa
     last["metrics-only"].path.unlink(missing_ok=True)
     result.update(_disk_and_comparator(full, folder, say))
     if ref_dtype is not None:
-        from tracer.benchmarks.calibration import noise_calibration
+        from tracer.campaigns.calibration import calibrate
 
-        say("bench: noise calibration")
-        result["calibration"] = noise_calibration(full.path, base, seqs, loaded, folder)
+        say("bench: noise calibration (the control, --packed-rope model, plug-ins)")
+        result["calibration"] = calibrate(base, seqs, loaded, folder, packed_specs, say)
     full.path.unlink(missing_ok=True)
     result["checks"] = debug_checks(result)
     return result

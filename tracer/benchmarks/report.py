@@ -101,15 +101,6 @@ def format_checks(checks: list[dict]) -> list[str]:
     return lines
 
 
-NOISE_EXPLAINED = {
-    "packed_rope_fp32": "the default run, worst token / noise level per pair: packed-vs-reference is a healthy path "
-                        "(its margin below K), unpacked carries fair-esm's bfloat16 RoPE (where that real drift lands above K)",
-    "packed_rope_model": "with --packed-rope model both paths compute RoPE the fair-esm way: packed-vs-unpacked is 0 "
-                         "(same numerics) and each against the reference is a cause both paths share (its margin above K)",
-}
-"""One sentence per noise-calibration line of the report."""
-
-
 def format_text(r: dict) -> str:
     """The whole report as text (the JSON's ``debug`` and ``production`` parts)."""
     lines = [f"tracer bench {r.get('date', '')} on {r.get('machine', {}).get('device', '?')} "
@@ -128,10 +119,10 @@ def format_text(r: dict) -> str:
             "  compression of a sample of this trace's tensors: " + "; ".join(
                 f"{c['compression']} {c['size_ratio']:.3f} x at {c['write_gb_s']:.2f} GB/s" for c in d["compression"]),
         ]
-        for label, ratios in (d.get("calibration") or {}).items():
-            parts = [f"{pair} {v['max_ratio']}" for pair, v in ratios.items() if isinstance(v, dict)]
-            lines.append(f"  noise calibration ({label}): " + ", ".join(parts))
-            lines.append(f"    = {NOISE_EXPLAINED.get(label, '')}")
+        if d.get("calibration"):
+            from tracer.campaigns.calibration import format_calibration
+
+            lines += ["  " + line for line in format_calibration(d["calibration"])]
     p = r.get("production")
     if p:
         lines.append("production batch and time to verdict:")
