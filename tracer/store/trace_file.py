@@ -456,15 +456,11 @@ class Trace:
         return dtype
 
     def verify(self, taps: bool = True) -> int:
-        """Check every checksum in the file (all tap data read once); returns the datasets checked.
-
-        ``taps=False`` leaves out the tap tensors, for a caller that reads (and so checks) every
-        one of them anyway. Raises :class:`TracerError` naming the first damaged dataset.
-        """
+        """Check every checksum in the file (all tap data read once; ``taps=False``: all but the tap
+        tensors, which the caller reads and checks anyway); returns the datasets checked. Raises
+        :class:`TracerError` naming the first damaged dataset."""
         self._check_manifest()
-        names = binding.datasets(self.file)
-        if not taps:
-            names = [n for n in names if not n.startswith("taps/")]
+        names = [n for n in binding.datasets(self.file) if taps or not n.startswith("taps/")]
         for name in names:
             ds = self.file[name]
             if name.startswith("taps/"):
