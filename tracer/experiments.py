@@ -34,7 +34,8 @@ goes on with the other rows.
 
 Rows specific to the built-in packed path (packed RoPE, backends, the module probes) say
 "does not apply" for a plug-in packed path (``--packed SPEC``). One model is loaded and reused
-by every variant; each trace sets its own precision. Traces are kept under ``OUT/traces/``
+by every variant of the baseline's dtype; each trace sets its own precision, in place, so rows in
+another dtype run on a fresh load (a cast of rounded weights is not the cast a user makes). Traces are kept under ``OUT/traces/``
 (per-token metrics and pooled embeddings; ``--tensors`` keeps the full tensors), so any row can
 be plotted (``tracer.plot``) or bundled (``tracer.bundle``). ``OUT/manifest.json`` records the
 finished variants: an interrupted run resumes where it stopped, reusing a finished row only if
@@ -295,6 +296,30 @@ def _run_variant(v: Variant, loaded, path: Path, base_batch_seqs) -> tuple[Row, 
     raise AssertionError(v.kind)
 
 
+def _by_dtype(work: list[Variant], first: str) -> list[Variant]:
+    """Rows grouped by run dtype, the baseline's first (each model cast is then made from the
+    weights as loaded: see :func:`_reload`); within a group, in matrix order."""
+    dtype = [(v.config.dtype if v.config else first) for v in work]
+    return [v for _, v in sorted(zip(dtype, work), key=lambda p: (p[0] != first, p[0]))]
+
+
+def _reload(loaded, base: RunConfig, say):
+    """The model as loaded, again. Precision is set in place, and a cast of already-rounded
+    weights (bfloat16 -> float32, or bfloat16 -> float16) is not the cast of the loaded weights
+    that a user makes, so a row in another dtype starts from a fresh load (random weights come from
+    the cache or are rebuilt from their seed). The fresh weights must have the same fingerprint."""
+    _, arch, weights = loaded
+    say(f"reloading {arch.name} for a row in another dtype (each row's cast starts from the weights as loaded)")
+    if weights.source == "random":
+        fresh = models.load_model(arch.name, "random", weights.seed) if arch.name in models.ARCHITECTURES else None
+        model = fresh[0] if fresh else models.build_random(arch, weights.seed)
+    else:
+        model = models.load_model(base.model, base.weights, base.seed, base.trust_checkpoint, progress=say)[0]
+    if models.fingerprint(model) != weights.fingerprint:
+        raise TracerError(f"reloading {arch.name} gave other weights than the first load (fingerprint changed): did the checkpoint change?")
+    return model, arch, weights
+
+
 def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: bool = False, tensors: bool = False,
                quiet: bool = False, loaded=None) -> dict:
     """Run (or resume) the matrix into ``out``; returns the summary record (also written to ``out``)."""
@@ -303,7 +328,7 @@ def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: boo
     say = (lambda m: None) if quiet else (lambda m: print(f"tracer: {m}", file=sys.stderr, flush=True))
     if loaded is None:
         loaded = models.load_model(base.model, base.weights, base.seed, base.trust_checkpoint, progress=say)
-    model, arch, weights = loaded
+    _, arch, weights = loaded  # the model itself is only reached through `loaded` (it may be reloaded)
     camp = Campaign(out, TOOL, plan_key(base, sequences, variants, weights.fingerprint, tensors), force)
     base = dataclasses.replace(base, metrics_only=not tensors)
     variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, metrics_only=not tensors)) if v.config else v for v in variants]
@@ -317,11 +342,15 @@ def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: boo
         elif camp.is_done(v.name):
             camp.forget(v.name)  # a module probe keeps no trace to verify: it is run again (seconds)
     progress = Steps(Progress(quiet), len(work), len(done))
-    for v in work:
+    cast = None  # the run dtype the model was cast to in place, by the rows run so far
+    for v in _by_dtype(work, base.dtype):  # a module probe runs in the baseline's dtype
         if v.name in done:
             continue
         if v.kind != "trace":
             v = dataclasses.replace(v, config=base)
+        if cast is not None and v.config.dtype != cast:  # a second cast would start from rounded weights
+            loaded = _reload(loaded, base, say)
+        cast = v.config.dtype
         started = progress.start(f"{v.name}: {v.change}")
         t0 = time.perf_counter()
         facts = None

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import BASE, mixed_batch, one_line_error, run
+from tests.conftest import mixed_batch, one_line_error, run
 from tracer.inputs.faults import Faults, Perturbation
 from tracer.inputs.sequences import debug_batch
 from tracer.judging.verdict import CONTROL, NOISE_FACTOR

@@ -196,3 +196,26 @@ def test_matrix_with_a_plugin_packed_path_says_what_does_not_apply(tmp_path, tin
         assert (rows[name]["verdict"], rows[name]["drifting"]) == ("agree", "neither"), name
     assert record["packed"] == adapter
     assert rows["baseline"]["cos"]["packed-vs-unpacked"]["long"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_each_dtype_is_cast_from_the_weights_as_loaded(tmp_path, tiny, monkeypatch):
+    """Precision is set in place: a float32 row after bfloat16 rows must not run on the
+    bfloat16-rounded weights (nor a float16 row on a cast of them)."""
+    import torch
+
+    seen = []
+    real = experiments.trace
+
+    def checked(config, sequences, quiet=False, loaded=None):
+        w = loaded[0].layers[0].fc1.weight
+        seen.append((config.dtype, w.dtype))
+        assert w.dtype in (torch.float32, getattr(torch, config.dtype)), f"{config.dtype} row starts from {w.dtype} weights"
+        return real(config, sequences, quiet=quiet, loaded=loaded)
+
+    monkeypatch.setattr(experiments, "trace", checked)
+    record = experiments.run_matrix(base(), batch(), tmp_path / "exp", quiet=True, loaded=tiny)
+    dtypes = [d for d, _ in seen]
+    assert {"bfloat16", "float16", "float32"} <= set(dtypes)
+    assert dtypes == sorted(dtypes, key=lambda d: (d != "bfloat16", d))  # grouped: the baseline's dtype first
+    fps = {r["name"]: r for r in record["rows"]}
+    assert fps["precision-float32"]["verdict"] == "agree"
