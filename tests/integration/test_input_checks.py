@@ -157,7 +157,7 @@ def test_bad_zip_crc_is_one_line(tmp_path):
         b = f.read(1)[0]
         f.seek(start + info.file_size // 2)
         f.write(bytes([b ^ 0x10]))
-    with pytest.raises(TracerError, match="fails its zip CRC-32 check"):
+    with pytest.raises(TracerError, match="fail their zip CRC-32 check"):
         load_model(None, str(path))
 
 
