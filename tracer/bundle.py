@@ -20,7 +20,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
     from tracer.runner.interrupts import quiet_during_imports
 
-    quiet_during_imports()
+    quiet_during_imports("no bundle was written")
 
 import math
 import os
@@ -36,13 +36,15 @@ from tracer.cli import Parser, main_guard
 from tracer.judging.tables import stored_table, summarize
 from tracer.errors import TracerError
 from tracer.judging.pairs import control_label
-from tracer.plot import plot_trace, use_file_backend
+from tracer.plot import MARKER as PLOT_MARKER, plot_trace, use_file_backend
 from tracer.store import files
 from tracer.store.trace_file import TraceWriter, open_trace, reading, to_numpy
 from tracer.taps import EMBED, SITES, parse_tap, tap_name
 
 SLIM = "trace-slim.h5"
 MB = 1_000_000
+MAX_MB = 1_000_000.0
+"""The largest --max-mb taken (1 TB; a bundle is an attachment)."""
 
 
 def _anchor(summary: dict, trace) -> tuple[str, int]:
@@ -222,7 +224,10 @@ def _check_destination(trace_path: Path, out: Path, archive: Path, force: bool) 
             f"{out} exists and is not empty; pass --force to write the bundle into it (files of the same "
             "names are replaced, nothing else is touched) or choose another -o"
         )
-    files.refuse_existing(archive, force, "-o")
+    files.check_target(archive, force, inputs=[trace_path], what="-o")
+    if out.is_dir():  # what --force would replace in it: regular files only, never the input
+        for name in ("report.md", SLIM):
+            files.check_target(out / name, True, inputs=[trace_path], what="-o")
 
 
 def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.0, quiet: bool = True,
@@ -234,6 +239,8 @@ def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.
     anything (unless ``force``). Nothing that existed before is deleted; an interrupted or
     failed bundle leaves nothing behind.
     """
+    if not (math.isfinite(max_mb) and 1 < max_mb <= MAX_MB):
+        raise TracerError(f"--max-mb must be a number above 1 and at most {MAX_MB:g} (1 TB), got {max_mb:g}")
     out, trace_path = Path(out_dir), Path(trace_path)
     if out.name.lower().endswith(".zip") and len(out.name) > 4:  # "-o report.zip": folder report, archive report.zip
         out = out.with_name(out.name[:-4])
@@ -251,6 +258,7 @@ def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.
         zip_partial = None
         try:
             plot_trace(trace_path, stage, quiet=quiet, verified=True)
+            (stage / PLOT_MARKER).unlink(missing_ok=True)  # the bundle's plots are its own
             plots = sorted(p.name for p in stage.glob("*.png")) + sorted(p.name for p in stage.glob("*.svg"))
             (stage / "report.md").write_text("placeholder")
             budget = limit - _size(stage) - 4 * 1024 * 1024 - trace.file["metrics"]["packed-vs-unpacked"]["rel_l2"].nbytes * 12
@@ -264,8 +272,9 @@ def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.
                 budget = int(budget * 0.8)
             if _size(stage) > limit:
                 raise TracerError(f"the bundle is {_size(stage) / MB:.1f} MB even without tensors; raise --max-mb")
-            files.commit(zip_partial, archive, force)
-            _place(stage, out, force)
+            with files.signals_held():  # the archive and the folder, or neither
+                files.commit(zip_partial, archive, force)
+                _place(stage, out, force, trace_path)
         except OSError as e:
             raise TracerError(f"cannot write the bundle {out}: {e.strerror or e}") from None
         finally:  # only what this run created: its private folder and its partial archive
@@ -275,14 +284,16 @@ def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.
     return out, archive
 
 
-def _place(stage: Path, out: Path, force: bool) -> None:
-    """Move the finished files from ``stage`` into ``out`` (created if absent)."""
+def _place(stage: Path, out: Path, force: bool, source: Path) -> None:
+    """Move the finished files from ``stage`` into ``out`` (created if absent); only regular
+    files that are not the ``source`` trace are replaced."""
     try:
         out.mkdir()
     except FileExistsError:
         if not force and any(out.iterdir()):
             raise TracerError(f"{out} appeared while the bundle was written; pass --force or choose another -o") from None
     for f in sorted(stage.iterdir()):
+        files.check_target(out / f.name, True, inputs=[source], what="-o")
         os.replace(f, out / f.name)
     files.fsync_dir(out)
 
@@ -301,16 +312,14 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m tracer.bundle", description="Write a bug-report bundle (report.md, plots, slim trace) and one .zip of it.")
     p.add_argument("trace", metavar="TRACE.h5")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="bundle folder; DIR.zip is written next to it")
-    p.add_argument("--max-mb", type=float, default=25.0, help="size limit of the bundle and of the archive, in MB (default 25)")
+    p.add_argument("--max-mb", type=float, default=25.0, help=f"size limit of the bundle and of the archive, in MB, above 1 and at most {MAX_MB:g} (default 25)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty DIR (same-named files replaced) and replace DIR.zip")
     return p
 
 
-@main_guard
+@main_guard(unwritten="no bundle was written")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not (math.isfinite(args.max_mb) and args.max_mb > 1):
-        raise TracerError(f"--max-mb must be a finite number above 1, got {args.max_mb}")
     use_file_backend()
     folder, archive = make_bundle(args.trace, args.out, args.max_mb, quiet=False, force=args.force)
     print(f"bundle  {folder} ({_size(folder) / MB:.1f} MB)\narchive {archive} ({archive.stat().st_size / MB:.1f} MB)")

@@ -23,8 +23,10 @@ from __future__ import annotations
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
     from tracer.runner.interrupts import quiet_during_imports
 
-    quiet_during_imports()
+    quiet_during_imports("no plots were written")
 
+import hashlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,8 @@ class PlotData:
     ids: list[str]
     offsets: list[int]
     num_layers: int
+    identity: str = ""
+    """A digest of the trace's meta record (which run it is), for :data:`MARKER`."""
 
     @property
     def title(self) -> str:
@@ -84,7 +88,8 @@ def load(path: str | Path, verify: bool = True) -> PlotData:
             raise TracerError(f"{path} has no stored summary to plot")
         table = stored_table(t)
         num_layers = t.meta["architecture"]["num_layers"]
-        return PlotData(Path(path), table, summary, [s.id for s in t.sequences], t.layout.offsets.tolist(), num_layers)
+        identity = hashlib.sha256(json.dumps(t.meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return PlotData(Path(path), table, summary, [s.id for s in t.sequences], t.layout.offsets.tolist(), num_layers, identity)
 
 
 def _layer_x(name: str, num_layers: int) -> float:
@@ -248,12 +253,42 @@ def sequences_figure(data: PlotData, site: str = "resid_out"):
     return fig
 
 
-def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool = True, verified: bool = False) -> Path:
+MARKER = "plots.json"
+"""Written with the figures: which trace they are of, and which files are the set."""
+
+
+def plot_names(data: PlotData) -> list[str]:
+    """The figures a trace gets (without extension), as :func:`plot_trace` writes them."""
+    sites = [site for site in SITES if any(parse_tap(n)[1] == site for n in data.table.taps)]
+    return ["curves"] + (["sequences"] + [f"heatmap-{pair}" for pair in data.pairs()] if sites else [])
+
+
+def _check_folder(out: Path, data: PlotData, names: list[str], force: bool) -> None:
+    """Refuse (without ``force``) to replace figures in ``out`` that are not this trace's."""
+    present = [f"{n}.{ext}" for n in names for ext in ("png", "svg") if files.exists(out / f"{n}.{ext}")]
+    if not present or force:
+        return
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        marker = None
+    if isinstance(marker, dict) and marker.get("identity") == data.identity:
+        return  # this trace's own figures: drawn again
+    of = f" of another trace ({marker.get('trace')})" if isinstance(marker, dict) and marker.get("trace") else " not known to be this trace's"
+    more = f" and {len(present) - 1} more" if len(present) > 1 else ""
+    raise TracerError(f"{out} holds {present[0]}{more}{of}; pass --force to replace them, or -o to choose another folder")
+
+
+def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool = True, verified: bool = False,
+               force: bool = False) -> Path:
     """Write every figure as PNG and SVG into ``out_dir`` (default: ``<trace>-plots/``), after
     verifying the trace (:func:`load`; ``verified``: the caller just did).
 
     A trace of a subset of taps gets the figures its taps allow (no heatmap without per-layer
-    taps; the per-sequence curves use ``resid_out``, else the latest site traced).
+    taps; the per-sequence curves use ``resid_out``, else the latest site traced). Figures of
+    another trace in ``out_dir`` are replaced only with ``force`` (:data:`MARKER` says whose they
+    are); all files are written to partial files first and renamed together, so an interrupted
+    plot leaves the old set or the new one (:func:`tracer.store.files.write_group`).
     """
     if out_dir is not None and str(out_dir) == "":
         raise TracerError("-o is empty; give the folder to write the plots into")
@@ -261,33 +296,43 @@ def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool 
     if files.exists(out) and not out.is_dir():
         raise TracerError(f"{out} exists and is not a folder; -o names the folder to write the plots into")
     data = load(path, verify=not verified)
+    names = plot_names(data)
+    _check_folder(out, data, names, force)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TracerError(f"cannot create the plot folder {out}: {e.strerror or e}") from None
     sites = [site for site in SITES if any(parse_tap(n)[1] == site for n in data.table.taps)]
     figures = {"curves": curves_figure(data)}
-    if sites:
-        figures["sequences"] = sequences_figure(data, "resid_out" if "resid_out" in sites else sites[-1])
-        for pair in data.pairs():
-            figures[f"heatmap-{pair}"] = heatmap_figure(data, pair)
-    for name, fig in figures.items():
-        try:
-            for ext in ("png", "svg"):
-                fig.savefig(out / f"{name}.{ext}", dpi=130)
-        except OSError as e:
-            raise TracerError(f"cannot write the plots into {out}: {e.strerror or e}") from None
-        finally:
+    try:
+        if len(names) > 1:
+            figures["sequences"] = sequences_figure(data, "resid_out" if "resid_out" in sites else sites[-1])
+            for pair in data.pairs():
+                figures[f"heatmap-{pair}"] = heatmap_figure(data, pair)
+        items = [(out / f"{name}.{ext}", _savefig(fig, ext)) for name, fig in figures.items() for ext in ("png", "svg")]
+        marker = {"trace": str(Path(path).resolve()), "identity": data.identity, "files": [p.name for p, _ in items]}
+        items.append((out / MARKER, json.dumps(marker, indent=2) + "\n"))
+        files.write_group(items, inputs=[path], what="-o")
+    except OSError as e:
+        raise TracerError(f"cannot write the plots into {out}: {e.strerror or e}") from None
+    finally:
+        for fig in figures.values():
             plt.close(fig)
-        if not quiet:
+    if not quiet:
+        for name in figures:
             print(f"tracer: wrote {out / name}.png/.svg", file=sys.stderr)
     return out
+
+
+def _savefig(fig, ext: str):
+    return lambda f: fig.savefig(f, dpi=130, format=ext)
 
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m tracer.plot", description="Draw per-layer curves, layer x token heatmaps and per-sequence curves of a trace (PNG and SVG).")
     p.add_argument("trace", metavar="TRACE.h5")
     p.add_argument("-o", "--out", default=None, metavar="DIR", help="output folder (default <trace>-plots/)")
+    p.add_argument("--force", action="store_true", help="replace figures of another trace in DIR")
     return p
 
 
@@ -296,12 +341,12 @@ def use_file_backend() -> None:
     matplotlib.use("Agg")
 
 
-@main_guard
+@main_guard(unwritten="no plots were written")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     use_file_backend()
     with reading(args.trace):
-        out = plot_trace(args.trace, args.out, quiet=False)
+        out = plot_trace(args.trace, args.out, quiet=False, force=args.force)
     print(out)
     return 0
 

@@ -32,15 +32,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import signal
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tracer.capture.provenance import label, plugin_sources
 from tracer.judging.embeddings import pooled_cosines
 from tracer.errors import TracerError
+from tracer.store import files
 from tracer.store.trace_file import open_trace, reading
 from tracer.taps import SITES
 
@@ -68,26 +68,9 @@ def _plain(x):
     return x.to_dict() if hasattr(x, "to_dict") else str(x)
 
 
-def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give (``mkstemp`` files are 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, file_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (:func:`tracer.store.files.write_atomic`)."""
+    files.write_atomic(path, text)
 
 
 def write_json_atomic(path: Path, value) -> None:
@@ -274,15 +257,17 @@ class TraceFacts:
 
 def run_and_report(work, out: Path, unit: str, as_json: bool, format_markdown, files: str) -> int:
     """A campaign CLI's ending: run ``work()`` (no autograd), keep finished ``unit`` on Ctrl-C
-    (exit 130, resumable), then print the record as JSON or Markdown plus where its ``files`` are."""
+    SIGTERM or SIGHUP (one line, exit 128 + signal number: 130, 143, 129; resumable), then print the record as JSON or Markdown plus where its ``files`` are."""
     import torch
 
     try:
         with torch.no_grad():
             record = work()
-    except KeyboardInterrupt:
-        print(f"tracer: interrupted; finished {unit} are kept in {out}; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"tracer: {how}; finished {unit} are kept in {out}; rerun the same command to resume", file=sys.stderr)
+        return 128 + signum
     if as_json:
         print(json.dumps(record, indent=2))
     else:

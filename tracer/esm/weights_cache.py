@@ -15,6 +15,7 @@ from tracer.esm import integrity
 from tracer.esm.catalogue import Architecture, empty_esm2
 from tracer.esm.checkpoints import read_checkpoint
 from tracer.esm.precision import remember_loaded
+from tracer.store import files
 
 
 
@@ -118,14 +119,7 @@ def _write_cache(data: dict, key: str, path: Path) -> None:
 
 
 def _write_atomically(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    """``torch.save`` through the one atomic writer (:func:`tracer.store.files.write_atomic`);
+    a failure (disk full, read-only cache) leaves no file."""
+    with contextlib.suppress(OSError, TracerError):
+        files.write_atomic(path, lambda f: torch.save(data, f), what="the weights cache", output=False)

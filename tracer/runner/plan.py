@@ -136,7 +136,7 @@ def _check_output_options(config: RunConfig) -> None:
     if config.out is not None:  # before a long model load
         if not config.out.strip():
             raise TracerError("--out is empty; give a file path (or leave --out out for a default name under traces/)")
-        files.refuse_existing(Path(config.out), config.force)
+        files.check_target(Path(config.out), config.force, inputs=[config.weights if config.weights not in ("auto", "random") else None])
     if config.max_batch_tokens is not None and config.max_batch_tokens < 0:
         raise TracerError(f"--max-batch-tokens must be 0 (one batch) or a positive number of padded tokens, got {config.max_batch_tokens}")
 
