@@ -25,7 +25,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
     from tracer.runner.interrupts import quiet_during_imports
 
-    quiet_during_imports()
+    quiet_during_imports("no results were written")
 
 import json
 import os
@@ -37,7 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tracer.cli import Parser, main_guard
+from tracer.cli import Parser, bounded_int, main_guard
+from tracer.inputs.sequences import MAX_RESIDUES
+from tracer.store import files
 from tracer.errors import TracerError
 
 DTYPES = ["bfloat16", "float16", "float32"]
@@ -61,25 +63,32 @@ def raw_write(folder: Path, nbytes: int) -> float:
     return write(folder, nbytes)
 
 
+MAX_REPEATS = 1000
+"""Timed repetitions: more measure nothing new."""
+
+MAX_PRODUCTION = 100_000
+"""Sequences of the production batch (--production); 0 = not measured."""
+
+
 def build_parser() -> Parser:
     from tracer.esm.attention import BACKENDS
 
     p = Parser(prog="python -m tracer.bench", description="Benchmark tracing speed and memory; prints ratios against bare forwards and raw disk writes, each marked ok or MISSED against its target.")
     p.add_argument("--model", default="esm2_t6_8M_UR50D", help="ESM-2 architecture (random weights; default esm2_t6_8M_UR50D, use esm2_t36_3B_UR50D for the targets)")
-    p.add_argument("--seq-len", type=int, default=400, help="length of the 'large' sequence (default 400)")
+    p.add_argument("--seq-len", type=bounded_int("--seq-len", 1, MAX_RESIDUES), default=400, help="length of the 'large' sequence (default 400)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     p.add_argument("--attn", default="auto", choices=BACKENDS)
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of every side, interleaved (default 3; medians)")
+    p.add_argument("--repeats", type=bounded_int("--repeats", 1, MAX_REPEATS), default=3, help="timed repeats of every side, interleaved (default 3; medians)")
     p.add_argument("--dir", default=None, help="where to make this run's temporary folder of traces and scratch files, removed at the end (default traces/)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="write the measurements as JSON to FILE (or stdout when FILE is left out or '-')")
     p.add_argument("--markdown", default=None, metavar="FILE",
                    help="print the speed table as Markdown from a JSON file this benchmark wrote, and measure nothing")
-    p.add_argument("--production", type=int, default=0, metavar="N",
+    p.add_argument("--production", type=bounded_int("--production", 0, MAX_PRODUCTION), default=0, metavar="N",
                    help="also measure a production batch of N sequences of 100-700 residues, time to verdict and load time")
     p.add_argument("--time-to-verdict", action="store_true", help="measure time to verdict and load time (as --production) without a production batch")
-    p.add_argument("--production-repeats", type=int, default=1, help="timed repeats of the production batch and its bare forwards (default 1, after a warm-up)")
+    p.add_argument("--production-repeats", type=bounded_int("--production-repeats", 1, MAX_REPEATS), default=1, help="timed repeats of the production batch and its bare forwards (default 1, after a warm-up)")
     p.add_argument("--skip-debug", action="store_true", help="skip the debug-batch measurements")
     p.add_argument("--calibrate-only", action="store_true", help="measure only the noise calibration (margins of K), no timings")
     p.add_argument("--calibrate-packed", action="append", default=[], metavar="SPEC",
@@ -115,9 +124,11 @@ def _folder(dir_: str | None) -> tempfile.TemporaryDirectory:
         raise TracerError(f"cannot write in {parent}: {e.strerror or e}") from None
 
 
-@main_guard
+@main_guard(unwritten="no results were written")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json and args.json != "-":  # before minutes of measuring
+        files.check_target(Path(args.json), True, what="--json")
     if args.markdown:
         return _markdown(args.markdown)
     for flag, value in (("--repeats", args.repeats), ("--production-repeats", args.production_repeats)):
@@ -148,8 +159,8 @@ def main(argv=None) -> int:
         ctx.cleanup()
     result["seconds"] = time.perf_counter() - t0
     result["peak_rss_bench_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if args.json and args.json != "-":
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.json and args.json != "-":  # atomically; never onto a folder or a device
+        files.write_atomic(Path(args.json), json.dumps(result, indent=2), what="--json")
     if args.json == "-":
         print(json.dumps(result, indent=2))
     elif args.calibrate_only:

@@ -30,12 +30,22 @@ def one_line(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def main_guard(fn):
+def main_guard(fn=None, *, unwritten: str = interrupts.NOTHING_WRITTEN):
     """Run a CLI ``main``: :class:`TracerError` -> one line on stderr and exit 2; Ctrl-C,
-    SIGTERM, SIGHUP -> one line and exit 128 + signal number (:mod:`tracer.runner.interrupts`)."""
+    SIGTERM, SIGHUP -> one line and exit 128 + signal number (:mod:`tracer.runner.interrupts`).
+
+    ``unwritten`` names what the command writes, for the line of a signal that came before it
+    was written (``@main_guard(unwritten="no bundle was written")``). In a ``python -m`` process
+    the command then ends at once (:func:`tracer.runner.interrupts.end_process`)."""
+    if fn is None:
+        return lambda f: main_guard(f, unwritten=unwritten)
 
     @functools.wraps(fn)
     def wrapper(argv=None) -> int:
+        return interrupts.end_process(guarded(argv))
+
+    def guarded(argv=None) -> int:
+        interrupts.set_unwritten(unwritten)
         def show(message, category, filename, lineno, file=None, line=None):
             print(f"tracer: warning: {message}", file=sys.stderr)
 
@@ -71,6 +81,33 @@ def _threshold(text: str):
     return (site or None, number)
 
 
+NOISE_FACTOR_MAX = 100.0
+"""Largest K of the noise rule. The noise level of a bfloat16 run is about 4e-3 (relative L2 of
+rounding); K x noise above ~1.4 -- the relative L2 error of two unrelated vectors -- would call
+nothing diverged, so a K near 350 turns detection off. 100 keeps a bar below that everywhere."""
+
+
+def bounded_int(flag: str, low: int, high: int, what: str = ""):
+    """An argparse ``type``: an integer in ``[low, high]``, else one line naming the range.
+
+    Catches numbers too large for the C integers behind ``range``, tensors and files (no
+    ``OverflowError`` traceback later).
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            why = f" ({what})" if what else ""
+            raise argparse.ArgumentTypeError(f"{text} is out of range; {flag} takes integers from {low:,} to {high:,}{why}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in "invalid integer value"
+    return parse
+
+
 def _noise_factor(text: str) -> float:
     try:
         number = float(text)
@@ -78,6 +115,11 @@ def _noise_factor(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (math.isfinite(number) and number > 0):
         raise argparse.ArgumentTypeError(f"K must be a finite positive number, got {text!r}")
+    if number > NOISE_FACTOR_MAX:
+        raise argparse.ArgumentTypeError(
+            f"K must be at most {NOISE_FACTOR_MAX:g}, got {text!r}: a bar of K x the noise level above ~1.4 "
+            "(the relative L2 error of unrelated vectors) calls nothing diverged, which turns detection off"
+        )
     return number
 
 
@@ -122,8 +164,8 @@ def rule_from_args(args, dtype: str, has_reference: bool) -> Rule | None:
     kind = args.rule or ("plain" if (args.max_rel_l2 or args.min_cos is not None) else ("noise" if has_reference else "plain"))
     if kind == "noise" and not has_reference:
         raise TracerError("--rule noise needs a reference path; trace with --reference fp32 (or fp64), or use --rule plain")
-    if args.noise_factor is not None and not args.noise_factor > 0:
-        raise TracerError(f"--noise-factor must be positive, got {args.noise_factor}")
+    if args.noise_factor is not None and not 0 < args.noise_factor <= NOISE_FACTOR_MAX:
+        raise TracerError(f"--noise-factor must be in (0, {NOISE_FACTOR_MAX:g}], got {args.noise_factor}")
     return Rule(
         kind=kind,
         noise_factor=args.noise_factor if args.noise_factor is not None else NOISE_FACTOR,

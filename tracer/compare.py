@@ -21,7 +21,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
     from tracer.runner.interrupts import quiet_during_imports
 
-    quiet_during_imports()
+    quiet_during_imports("nothing was written")
 
 import json
 import sys
@@ -59,7 +59,7 @@ def _verify(trace: Trace, taps: bool = True) -> None:
     print(f"tracer: {trace.path}: {n} checksums verified{also}", file=sys.stderr)
 
 
-@main_guard
+@main_guard(unwritten="nothing was written")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.traces) > 2:

@@ -44,9 +44,12 @@ def version(package: str) -> str | None:
 
 
 def tool_version() -> str:
+    installed = version("tracer")
+    if installed:
+        return installed
     from tracer import __version__
 
-    return version("tracer") or __version__
+    return __version__
 
 
 def resolve_device(name: str) -> torch.device:

@@ -51,6 +51,11 @@ Example::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
+    from tracer.runner.interrupts import quiet_during_imports
+
+    quiet_during_imports("no variant was finished")
+
 import contextlib
 import dataclasses
 import hashlib
@@ -69,7 +74,8 @@ from tracer.esm import models
 
 from tracer.campaigns import probes
 from tracer.campaigns.campaign import Campaign, check_folder, run_and_report, TraceFacts, fingerprint, fmt_cos, where, write_atomic, write_json_atomic
-from tracer.cli import Parser, add_run_options, main_guard
+from tracer.cli import Parser, add_run_options, bounded_int, main_guard
+from tracer.store import files
 from tracer.env import resolve_device, resolve_dtype
 from tracer.errors import TracerError
 from tracer.inputs.faults import FAULT_NAMES
@@ -77,7 +83,7 @@ from tracer.esm.models import DEFAULT_MODEL
 from tracer.inputs.packing import PACK_ORDERS
 from tracer.capture.paths import encode
 from tracer.capture.plugin_state import STATES
-from tracer.inputs.sequences import Sequence, debug_batch, read_fasta
+from tracer.inputs.sequences import MAX_RESIDUES, Sequence, debug_batch, read_fasta
 from tracer.runner.config import RunConfig, config_from_args, output_stem
 from tracer.runner.execute import trace
 from tracer.runner.progress import Progress, Steps
@@ -478,7 +484,7 @@ def build_parser() -> Parser:
         "verdict table: first divergence, drifting side and pooled final-embedding cosines per hypothesis.",
     )
     s = p.add_argument_group("sequences (default: the debug-log batch tiny 3, small 8, medium 160, large N)")
-    s.add_argument("--seq-len", type=int, default=400, metavar="N", help="residues of the 'large' sequence (default 400)")
+    s.add_argument("--seq-len", type=bounded_int("--seq-len", 1, MAX_RESIDUES), default=400, metavar="N", help=f"residues of the 'large' sequence, 1 to {MAX_RESIDUES:,} (default 400)")
     s.add_argument("--fasta", metavar="FILE", help="use the sequences of a FASTA file instead")
     add_run_options(p, "baseline dtype (default bfloat16)")
     m = p.add_argument_group("baseline")
@@ -508,13 +514,14 @@ def default_out(args, sequences) -> Path:
     return Path("experiments") / output_stem(model, args.dtype, [s.length for s in sequences])
 
 
-@main_guard
+@main_guard(unwritten="no variant was finished")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sequences = sequences_from(args)
     command = tuple(["python", "-m", TOOL, *(sys.argv[1:] if argv is None else argv)])
     base = base_config(args, sequences, command)
     out = Path(args.out) if args.out else default_out(args, sequences)
+    files.refuse_inputs_inside(out, [args.fasta, args.weights if args.weights not in ("auto", "random") else None])
     return run_and_report(
         lambda: run_matrix(base, sequences, out, force=args.force, tensors=args.tensors, quiet=args.quiet),
         out, "variants", args.json, format_markdown, f"{out / 'summary.md'}, {out / 'summary.json'}; traces in {out / 'traces'}",

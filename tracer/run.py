@@ -17,18 +17,23 @@ if __name__ == "__main__":  # before torch loads: a signal while importing is on
 
 import json
 import sys
+from pathlib import Path
 
-from tracer.cli import Parser, add_rule_options, add_run_options, main_guard, parse_layers, parse_taps
+from tracer.cli import Parser, add_rule_options, add_run_options, bounded_int, main_guard, parse_layers, parse_taps
 from tracer.errors import TracerError
 from tracer.inputs.faults import FAULT_NAMES
 from tracer.inputs.packing import PACK_ORDERS
-from tracer.inputs.sequences import debug_batch, make_batch, motif_sequence, read_fasta
+from tracer.inputs.sequences import MAX_RESIDUES, debug_batch, make_batch, motif_sequence, read_fasta
 from tracer.runner.config import config_from_args
 from tracer.runner.execute import trace
+from tracer.store import files
 from tracer.store.trace_file import COMPRESSIONS
 from tracer.taps import EMBED, FINAL, SITES
 
+MAX_BATCH_TOKENS = 10**12
+"""No sub-batch budget above this is taken (a budget that large means one batch: pass 0)."""
 
+seq_len = bounded_int("--seq-len", 1, MAX_RESIDUES, f"a sequence is at most {MAX_RESIDUES:,} residues; ESM-2 was trained on 1,022")
 
 def build_parser() -> Parser:
     p = Parser(
@@ -40,7 +45,7 @@ def build_parser() -> Parser:
         f"Taps: {EMBED}, layers.<i>.{{{','.join(SITES)}}}, {FINAL}.",
     )
     s = p.add_argument_group("sequences (default: the debug-log batch tiny 3, small 8, medium 160, large N)")
-    s.add_argument("--seq-len", type=int, default=400, metavar="N", help="residues of the 'large' sequence (default 400)")
+    s.add_argument("--seq-len", type=seq_len, default=400, metavar="N", help=f"residues of the 'large' sequence, 1 to {MAX_RESIDUES:,} (default 400)")
     s.add_argument("--alone", action="store_true", help="trace only the long sequence")
     s.add_argument("--fasta", metavar="FILE", help="trace the sequences of a FASTA file instead")
     s.add_argument("--pack-order", choices=PACK_ORDERS, default="given", help="order of sequences in the packed stream (default given)")
@@ -53,7 +58,7 @@ def build_parser() -> Parser:
     t.add_argument("--metrics-only", action="store_true", help="compute per-token metrics on the fly and store no tensors")
     t.add_argument("--local", action="store_true", help="also re-run each layer on the other side's input, to split error born in a layer from error inherited")
     t.add_argument(
-        "--max-batch-tokens", type=int, default=None, metavar="K",
+        "--max-batch-tokens", type=bounded_int("--max-batch-tokens", 0, MAX_BATCH_TOKENS), default=None, metavar="K",
         help="run the padded unpacked and reference forwards on length-sorted sub-batches of at most K padded tokens "
         "(sequences x longest); 0 = the batch as given (default: the batch as given if the pre-flight estimate fits in "
         "free memory, else the largest K that does)",
@@ -72,6 +77,11 @@ def build_parser() -> Parser:
     return p
 
 
+def input_files(args) -> list[str]:
+    """The files a run reads: the FASTA and a checkpoint given by path."""
+    return [f for f in (args.fasta, args.weights if args.weights not in ("auto", "random") else None) if f]
+
+
 def sequences_from(args):
     if args.fasta:
         if args.alone:
@@ -87,6 +97,8 @@ def sequences_from(args):
 @main_guard
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out:  # an input is never an output, whatever the flags (checked again before the commit)
+        files.check_target(Path(args.out), args.force, inputs=input_files(args))
     sequences = sequences_from(args)
     if args.max_batch_tokens is not None and args.max_batch_tokens < 0:
         raise TracerError(f"--max-batch-tokens must be 0 (one batch) or a positive number of padded tokens, got {args.max_batch_tokens}")
@@ -108,7 +120,7 @@ def main(argv=None) -> int:
 
         use_file_backend()
         try:
-            written = plot_trace(result.path, None, quiet=args.quiet)
+            written = plot_trace(result.path, None, quiet=args.quiet, force=args.force)
         except TracerError as e:
             raise TracerError(f"the trace {result.path} was written, but its plots were not: {e}") from None
         if not args.quiet:

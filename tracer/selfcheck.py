@@ -19,7 +19,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
     from tracer.runner.interrupts import quiet_during_imports
 
-    quiet_during_imports()
+    quiet_during_imports("nothing was written")
 
 import json
 import sys
@@ -137,7 +137,7 @@ def build_parser() -> Parser:
     return p
 
 
-@main_guard
+@main_guard(unwritten="nothing was written")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     rows = run_checks(args.model, args.weights, args.seed, args.device, args.dtype, args.attn, args.seq_len,

@@ -25,23 +25,27 @@ Example::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: a signal while importing is one line, not a traceback
+    from tracer.runner.interrupts import quiet_during_imports
+
+    quiet_during_imports("no length was finished")
+
 import dataclasses
 import math
 import sys
-import os
-import tempfile
 from pathlib import Path
 
 
 from tracer.esm import models
-from tracer.campaigns.campaign import Campaign, run_and_report, TraceFacts, check_folder, file_mode, fingerprint, fmt_cos, where, write_atomic, write_json_atomic
+from tracer.campaigns.campaign import Campaign, run_and_report, TraceFacts, check_folder, fingerprint, fmt_cos, where, write_atomic, write_json_atomic
 from tracer.cli import Parser, add_run_options, main_guard
 from tracer.env import resolve_device
 from tracer.errors import TracerError
+from tracer.store import files
 from tracer.experiments import packed_spec, unpacked_spec
 from tracer.inputs.faults import FAULT_NAMES
 from tracer.esm.models import DEFAULT_MODEL
-from tracer.inputs.sequences import make_batch, motif_sequence
+from tracer.inputs.sequences import MAX_RESIDUES, make_batch, motif_sequence
 from tracer.taps import SITES
 from tracer.runner.config import RunConfig, config_from_args
 from tracer.runner.execute import trace
@@ -58,20 +62,32 @@ COS_FLOOR = 1e-16
 """``1 - cos`` below this (float64 resolution) is drawn and compared as this."""
 
 
+MAX_LENGTHS = 1000
+"""Rows (lengths) one sweep takes: each is a traced run of its own."""
+
+
 def parse_lengths(text: str) -> list[int]:
-    """``"50:1000:50"`` (start:stop:step, stop included) or ``"100,257,300"`` -> sorted lengths."""
+    """``"50:1000:50"`` (start:stop:step, stop included) or ``"100,257,300"`` -> sorted lengths.
+
+    Lengths are 1 to :data:`~tracer.inputs.sequences.MAX_RESIDUES` residues, at most
+    :data:`MAX_LENGTHS` of them; a range is counted before it is built.
+    """
+    expected = f"--lengths {text!r}: expected START:STOP:STEP (e.g. 50:1000:50) or a list like 100,257,300"
     try:
-        if ":" in text:
-            parts = [int(x) for x in text.split(":")]
-            if len(parts) != 3 or parts[2] <= 0:
-                raise ValueError
-            lengths = list(range(parts[0], parts[1] + 1, parts[2]))
-        else:
-            lengths = [int(x) for x in text.split(",")]
+        parts = [int(x) for x in text.split(":" if ":" in text else ",")]
     except ValueError:
-        raise TracerError(f"--lengths {text!r}: expected START:STOP:STEP (e.g. 50:1000:50) or a list like 100,257,300") from None
-    if not lengths or min(lengths) < 1:
-        raise TracerError(f"--lengths {text!r}: lengths must be positive numbers of residues")
+        raise TracerError(expected) from None
+    if ":" in text and (len(parts) != 3 or parts[2] <= 0):
+        raise TracerError(expected)
+    numbers = parts[:2] if ":" in text else parts
+    count = (max(0, parts[1] - parts[0]) // parts[2] + 1 if parts[1] >= parts[0] else 0) if ":" in text else len(set(parts))
+    if count > MAX_LENGTHS:
+        raise TracerError(f"--lengths {text!r} asks for {count:,} lengths; a sweep takes at most {MAX_LENGTHS:,} (each is a traced run): raise STEP")
+    if not numbers or min(numbers) < 1 or max(numbers) > MAX_RESIDUES:
+        raise TracerError(f"--lengths {text!r}: lengths are 1 to {MAX_RESIDUES:,} residues")
+    lengths = list(range(parts[0], parts[1] + 1, parts[2])) if ":" in text else parts
+    if not lengths:
+        raise TracerError(f"--lengths {text!r}: the range is empty (STOP below START)")
     return sorted(set(lengths))
 
 
@@ -199,6 +215,10 @@ def _om(c) -> str:
     return "n/a" if v is None else f"{v:.2e}"
 
 
+def _savefig(fig, ext: str):
+    return lambda f: fig.savefig(f, dpi=120, format=ext)
+
+
 def plot_sweep(record: dict, out: Path) -> list[Path]:
     """``sweep.png``/``.svg``: first diverging layer per site, and pooled ``1 - cos``, against length."""
     import matplotlib.pyplot as plt
@@ -243,20 +263,10 @@ def plot_sweep(record: dict, out: Path) -> list[Path]:
         top.annotate(f"cliff {a}->{b}", ((a + b) / 2, never + 0.4), color="red", fontsize=9, ha="center", va="center",
                      bbox=dict(fc="white", ec="red", lw=0.8))
     fig.suptitle(f"{record['model']} {record['dtype']} ({record['weights']}): length sweep; faults {record['faults']}", fontsize=10)
-    written = []
-    for ext in ("png", "svg"):
-        dest = out / f"sweep.{ext}"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".sweep.", suffix=f".{ext}")
-        os.close(fd)
-        try:
-            os.chmod(tmp, file_mode())
-            fig.savefig(tmp, dpi=120, format=ext)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        written.append(dest)
-    plt.close(fig)
+    try:  # both files, or neither, replace the last ones (one atomic writer: tracer.store.files)
+        written = files.write_group([(out / f"sweep.{ext}", _savefig(fig, ext)) for ext in ("png", "svg")], what="--out")
+    finally:
+        plt.close(fig)
     return written
 
 
@@ -280,7 +290,7 @@ def build_parser() -> Parser:
     return p
 
 
-@main_guard
+@main_guard(unwritten="no length was finished")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     lengths = parse_lengths(args.lengths)
@@ -293,6 +303,7 @@ def main(argv=None) -> int:
     base = config_from_args(args, [f"L{n}" for n in lengths], tuple(["python", "-m", TOOL, *(sys.argv[1:] if argv is None else argv)]))
     model = args.model or (Path(args.weights).stem if args.weights not in ("auto", "random") else DEFAULT_MODEL)
     out = Path(args.out) if args.out else Path("sweeps") / f"{model}-{args.dtype}-{lengths[0]}-{lengths[-1]}-n{len(lengths)}"
+    files.refuse_inputs_inside(out, [args.weights if args.weights not in ("auto", "random") else None])
     from tracer.plot import use_file_backend
 
     use_file_backend()

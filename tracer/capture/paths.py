@@ -216,7 +216,40 @@ class BuiltinPackedPath(TracedPath):
         run_packed_layer(self.packed, i, to_packed(x, batch), batch, names, record)
 
     def describe(self, batch) -> str:
-        return f"builtin packed forward, {batch.layout.n_tokens} tokens, cu_seqlens {batch.layout.cu_seqlens.tolist()}, RoPE {self.packed.rope_mode}"
+        return f"builtin packed forward, {batch.layout.n_tokens} tokens, cu_seqlens {cu_seqlens_text(batch.layout)}, RoPE {self.packed.rope_mode}"
+
+
+def output_vs_final_norm(side: str, tapped: torch.Tensor, output: torch.Tensor) -> str | None:
+    """A note when a plug-in's returned output is not its own ``final_norm`` tap (``None`` if it is).
+
+    NaN/Inf are data, not a mismatch: the same non-finite values at the same places are equal
+    (the verdict reports them as NaN/Inf). Non-finite values in one and not the other are
+    counted; finite values are compared exactly (in float64).
+    """
+    a, b = tapped.detach().double(), output.detach().double()
+    bad_a, bad_b = ~torch.isfinite(a), ~torch.isfinite(b)
+    same_nonfinite = torch.equal(bad_a, bad_b) and torch.equal(torch.where(bad_a, a.nan_to_num(0.0, 1.0, -1.0), 0), torch.where(bad_b, b.nan_to_num(0.0, 1.0, -1.0), 0))
+    finite = ~(bad_a | bad_b)
+    diff = (a[finite] - b[finite]).abs().max().item() if finite.any() else 0.0
+    if same_nonfinite and diff == 0:
+        return None
+    advice = "does the adapter return the representation after emb_layer_norm_after?"
+    if not same_nonfinite:
+        only_out, only_tap = int((bad_b & ~bad_a).sum()), int((bad_a & ~bad_b).sum())
+        return (
+            f"the {side} plug-in's returned output and its own final_norm tap hold NaN/Inf at different places "
+            f"({only_out} values non-finite only in the output, {only_tap} only in the tap; finite values differ by at most {diff:.3g}): {advice}"
+        )
+    return f"the {side} plug-in's returned output differs from its own final_norm tap (max |diff| {diff:.3g}): {advice}"
+
+
+def cu_seqlens_text(layout, shown: int = 8) -> str:
+    """``[0, 5, 15, 175, 577]``, or for a long batch ``[0, 5, 15, ..., 9001234] (10001 offsets)``:
+    a status line stays one short line whatever the batch."""
+    cu = layout.cu_seqlens.tolist()
+    if len(cu) <= shown:
+        return str(cu)
+    return f"[{', '.join(map(str, cu[:shown - 2]))}, ..., {cu[-1]}] ({len(cu)} offsets)"
 
 
 def to_padded(x: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -280,6 +313,11 @@ class PluginPath(TracedPath):
             args = (batch.padded.to(device),)
         out = self.plugin.call(self.forward, *args)
         expect = (batch.layout.n_tokens, self.model.embed_dim) if self.name == "packed" else (*batch.padded.shape, self.model.embed_dim)
+        if isinstance(out, torch.Tensor) and out.is_meta:
+            raise TracerError(
+                f"{self.name} plug-in {self.plugin.label} returned a meta tensor (a shape with no data: it was built on "
+                "the 'meta' device, or from weights never loaded); return the computed representation"
+            )
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expect:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise TracerError(
@@ -321,12 +359,10 @@ class PluginPath(TracedPath):
         if FINAL in names and self.sources.get(FINAL) == "output":
             record(FINAL, final)
             obs.delivered[FINAL] = "output"
-        elif "x" in final_tap and not torch.equal(final_tap["x"], final):
-            diff = (final_tap["x"].double() - final.double()).abs().max().item()
-            notes.append(
-                f"the {self.name} plug-in's returned output differs from its own final_norm tap "
-                f"(max |diff| {diff:.3g}): does the adapter return the representation after emb_layer_norm_after?"
-            )
+        elif "x" in final_tap:
+            note = output_vs_final_norm(self.name, final_tap["x"], final)
+            if note:
+                notes.append(note)
         if obs.unattributed_attention:
             notes.append(
                 f"{obs.unattributed_attention} attention call(s) came before any q/k/v projection of a layer and "
@@ -336,5 +372,5 @@ class PluginPath(TracedPath):
 
     def describe(self, batch) -> str:
         return f"{self.label}, {batch.layout.n_tokens} tokens" + (
-            f", cu_seqlens {batch.layout.cu_seqlens.tolist()}" if self.name == "packed" else f", padded batch {tuple(batch.padded.shape)}"
+            f", cu_seqlens {cu_seqlens_text(batch.layout)}" if self.name == "packed" else f", padded batch {tuple(batch.padded.shape)}"
         )

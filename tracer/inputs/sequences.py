@@ -34,6 +34,10 @@ MASK = "<mask>"
 TRAINED_MAX_RESIDUES = 1022
 """ESM-2 was trained on crops of 1024 tokens (1022 residues + <cls> + <eos>)."""
 
+MAX_RESIDUES = 100_000
+"""The longest sequence tracer takes: ~100x ESM-2's training crop and ~3x the longest known
+protein (titin, 34,350). Longer is refused up front, before a string of that size is built."""
+
 
 @dataclass(frozen=True)
 class Sequence:
@@ -66,8 +70,8 @@ def debug_batch(large_length: int = 400) -> list[Sequence]:
     ``tiny`` (3), ``small`` (8), ``medium`` (160) and ``large`` (``large_length``), each made
     of the motif ``MKTAYIAK`` repeated and cut to length.
     """
-    if large_length < 1:
-        raise TracerError(f"--seq-len must be a positive number of residues, got {large_length}")
+    if not 1 <= large_length <= MAX_RESIDUES:
+        raise TracerError(f"--seq-len must be 1 to {MAX_RESIDUES:,} residues, got {large_length}")
     spec = [("tiny", 3), ("small", 8), ("medium", 160), ("large", large_length)]
     return make_batch([(name, motif_sequence(n)) for name, n in spec])
 
@@ -111,12 +115,20 @@ def make_batch(pairs: list[tuple[str, str]]) -> list[Sequence]:
     for seq_id, residues in pairs:
         if not seq_id:
             raise TracerError("a sequence has an empty id")
+        if not seq_id.isprintable():
+            bad = next(c for c in seq_id if not c.isprintable())
+            raise TracerError(
+                f"sequence id {seq_id!r} holds the control character {bad!r}; ids are printable text "
+                "(the trace stores them as strings, and a NUL ends a string there)"
+            )
         if seq_id in seen:
             raise TracerError(f"duplicate sequence id {seq_id!r}: ids must be unique")
         seen.add(seq_id)
         if not residues:
             raise TracerError(f"sequence {seq_id!r} is empty")
         length = count_residues(seq_id, residues)
+        if length > MAX_RESIDUES:
+            raise TracerError(f"sequence {seq_id!r} has {length:,} residues; tracer takes at most {MAX_RESIDUES:,} per sequence")
         if length > TRAINED_MAX_RESIDUES:
             warnings.warn(
                 f"sequence {seq_id!r} has {length} residues, more than the {TRAINED_MAX_RESIDUES} "

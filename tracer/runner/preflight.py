@@ -16,8 +16,11 @@ low-precision paths and in the reference dtype for the reference.
   weights: 12 bytes per score in 16-bit runs, 8 in float32; measured on CPU),
   the feed-forward ``~12 x B x T x E`` values; the parked paths' residual streams; the packed
   path's ``~12 x N x E``.
+* **metric sums**: every pair keeps five per-token sums per tap for the whole run (float32),
+  and the table is finished from them in float64 at the end (:func:`metric_sums_bytes`); this
+  grows with taps x tokens like a trace of its own, and dominates for thousands of sequences.
 * **device peak** = weights in the run dtype + the up-cast reference copy of the embedding/heads
-  and of one layer + held taps + workspace. On a CUDA run the **host peak** is the float32 model
+  and of one layer + held taps + workspace + metric sums. On a CUDA run the **host peak** is the float32 model
   while it loads (random init or a checkpoint's pages) and the pinned staging buffers; on a CPU
   run both are the same memory, and the load's float32 model counts too.
 
@@ -34,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,11 +194,46 @@ def estimate(
     workspace = max(steps) + parked
 
     load = total * 4  # float32 as stored / as initialised
-    run = weights + ref_weights + held + workspace
+    sums = metric_sums_bytes(len(names), n, pairs, ref_dtype)
+    run = weights + ref_weights + held + workspace + sums
     if device == "cuda":
         pinned = 0 if metrics_only else 4 * 2 * tap * max(path_bytes)  # writer's pinned pools
         return Estimate(trace_bytes, layer_tap_bytes, held, weights, ref_weights, workspace, int(run * 1.1), load + pinned, load, plan, device)
     return Estimate(trace_bytes, layer_tap_bytes, held, weights, ref_weights, workspace, 0, max(load + weights, run), load, plan, device)
+
+
+def check_writable(folder: Path, out: Path) -> None:
+    """Refuse, in one line, a ``--out`` whose folder (or nearest existing parent) cannot hold a
+    trace: not a folder, not writable, or on a pseudo file system (``/proc``, ``/sys``: no
+    blocks at all), where "0 GB free" would otherwise read as "use a larger machine"."""
+    if not folder.is_dir():
+        raise TracerError(f"cannot write {out}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TracerError(f"cannot write {out}: the folder {folder} is not writable; choose another --out")
+    try:
+        blocks = os.statvfs(folder).f_blocks
+    except (OSError, AttributeError):  # no statvfs here: nothing to tell
+        return
+    if blocks == 0:
+        raise TracerError(
+            f"cannot write {out}: {folder} is on a pseudo file system (like /proc or /sys) that holds no files; choose another --out"
+        )
+
+
+SUMS = 5
+"""Per-token sums a pair keeps per tap until the end (:func:`tracer.judging.metrics.token_sums`)."""
+
+
+def metric_sums_bytes(n_taps: int, n: int, pairs: int, ref_dtype: torch.dtype | None) -> int:
+    """Memory the per-token metrics take, on top of the taps: every pair keeps ``5`` sums per tap
+    and token for the whole run (float32; float64 with a float64 reference), and the table is
+    finished at the end one pair at a time in float64 (the ``(T, 5, N)`` sums, three metrics)
+    while every finished pair's three float32 metrics are held. Negligible for a debug batch,
+    this is gigabytes for ten thousand sequences: ~1.3 kB per tap and token with a reference."""
+    work = 8 if ref_dtype == torch.float64 else 4
+    held = pairs * n_taps * n * SUMS * work
+    finishing = n_taps * n * (SUMS * 8 + len(METRICS) * 8) + pairs * n_taps * n * len(METRICS) * 4
+    return held + finishing
 
 
 def free_resources(out: Path, device: torch.device) -> Resources:
@@ -202,6 +241,7 @@ def free_resources(out: Path, device: torch.device) -> Resources:
     folder = Path(out).resolve().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    check_writable(folder, Path(out))
     disk = shutil.disk_usage(folder).free
     host = None
     try:

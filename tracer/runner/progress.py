@@ -1,6 +1,7 @@
 """Status lines, and on a terminal a live ticker for long phases (load, forwards, writing).
 
-Lines go to stderr as ``tracer: <message>``. Tickers (``\\r  forwards: 12/38 layers, 3 s left``)
+Lines go to stderr as ``tracer: <message>``, one short line each (at most :data:`MAX_LINE`
+characters: a long batch is summarised where it is described, and anything longer is cut). Tickers (``\\r  forwards: 12/38 layers, 3 s left``)
 are shown only when stderr is a terminal, and never under ``--quiet``: logs and pipes get the
 status lines alone. Time left is extrapolated from the phase's own rate so far.
 
@@ -17,6 +18,18 @@ from __future__ import annotations
 
 import sys
 import time
+
+
+MAX_LINE = 300
+"""Characters of a status line; a longer message is cut in the middle (and says so)."""
+
+
+def short_line(msg: str, limit: int = MAX_LINE) -> str:
+    """``msg`` if it fits in ``limit`` characters, else its head and tail around ``... [N characters] ...``."""
+    if len(msg) <= limit:
+        return msg
+    keep = (limit - 40) // 2
+    return f"{msg[:keep]} ... [{len(msg) - 2 * keep} characters] ... {msg[-keep:]}"
 
 
 def _fmt_seconds(s: float) -> str:
@@ -50,7 +63,7 @@ class Progress:
             return
         if self._shown:
             self._clear()
-        print(f"tracer: {msg}", file=self.stream, flush=True)
+        print(f"tracer: {short_line(msg)}", file=self.stream, flush=True)
 
     def tick(self, label: str, done: float, total: float, unit: str = "", bytes_unit: bool = False) -> None:
         """``done`` of ``total`` (layers, or bytes when ``bytes_unit``) of phase ``label``."""
