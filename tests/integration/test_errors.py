@@ -58,11 +58,17 @@ def test_bad_fasta(tmp_path, capsys, text, fragment):
     assert not list(tmp_path.glob("*.h5*"))
 
 
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_seq_len_out_of_range_is_one_usage_line(capsys, value):
+    with pytest.raises(SystemExit) as e:
+        run_cli.main(["--seq-len", value, *BASE])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"{value} is out of range; --seq-len takes integers from 1 to 100,000" in err[0], err
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--seq-len", "0"], "--seq-len must be a positive number of residues, got 0"),
-        (["--seq-len", "-5"], "got -5"),
         (["--model", "esm3_big"], "unknown model 'esm3_big'; known ESM-2 models: esm2_t6_8M_UR50D"),
         (["--attn", "flash-attn"], "flash-attn package is not installed"),
         (["--attn", "torch-varlen", "--dtype", "float16"], "--attn torch-varlen needs a CUDA device"),
@@ -118,7 +124,7 @@ def test_existing_trace_is_never_overwritten(tmp_path, capsys):
 
 
 def test_out_is_a_directory(tmp_path, capsys):
-    one_line_error(capsys, run_cli.main, [*BASE, "--seq-len", "10", "--out", str(tmp_path), "--force"], "is a directory")
+    one_line_error(capsys, run_cli.main, [*BASE, "--seq-len", "10", "--out", str(tmp_path), "--force"], "is a folder; only regular files are ever replaced")
 
 
 def test_gpu_out_of_memory_is_one_line_and_leaves_no_file(tmp_path, monkeypatch, capsys):

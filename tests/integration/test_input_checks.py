@@ -78,9 +78,9 @@ def test_seq_len_100000_on_cpu_is_refused_before_loading(tmp_path, capsys, no_mo
 
 
 def test_bench_and_bundle_numbers(tmp_path, capsys):
-    one_line(capsys, bench_cli.main, ["--repeats", "0"], "--repeats must be at least 1")
-    one_line(capsys, bundle_cli.main, ["x.h5", "-o", str(tmp_path / "b"), "--max-mb", "inf"], "--max-mb must be a finite number above 1")
-    one_line(capsys, bundle_cli.main, ["x.h5", "-o", str(tmp_path / "b"), "--max-mb", "nan"], "--max-mb must be a finite number above 1")
+    one_line(capsys, bench_cli.main, ["--repeats", "0"], "--repeats takes integers from 1 to 1,000")
+    one_line(capsys, bundle_cli.main, ["x.h5", "-o", str(tmp_path / "b"), "--max-mb", "inf"], "--max-mb must be a number above 1 and at most 1e+06")
+    one_line(capsys, bundle_cli.main, ["x.h5", "-o", str(tmp_path / "b"), "--max-mb", "nan"], "--max-mb must be a number above 1 and at most 1e+06")
 
 
 # ---------------------------------------------------------------------------------------------
