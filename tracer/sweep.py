@@ -84,7 +84,7 @@ def parse_lengths(text: str) -> list[int]:
     if count > MAX_LENGTHS:
         raise TracerError(f"--lengths {text!r} asks for {count:,} lengths; a sweep takes at most {MAX_LENGTHS:,} (each is a traced run): raise STEP")
     if not numbers or min(numbers) < 1 or max(numbers) > MAX_RESIDUES:
-        raise TracerError(f"--lengths {text!r}: lengths are 1 to {MAX_RESIDUES:,} residues")
+        raise TracerError(f"--lengths {text!r}: lengths are positive numbers of residues, at most {MAX_RESIDUES:,}")
     lengths = list(range(parts[0], parts[1] + 1, parts[2])) if ":" in text else parts
     if not lengths:
         raise TracerError(f"--lengths {text!r}: the range is empty (STOP below START)")

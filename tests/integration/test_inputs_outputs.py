@@ -194,7 +194,7 @@ def test_bundle_max_mb_1e308_is_one_line(tmp_path, capsys):
 
 
 def test_sweep_huge_length_is_one_line(capsys):
-    one_line_error(capsys, sweep_cli.main, ["--lengths", "9" * 20, *BASE], "lengths are 1 to 100,000 residues")
+    one_line_error(capsys, sweep_cli.main, ["--lengths", "9" * 20, *BASE], "lengths are positive numbers of residues, at most 100,000")
 
 
 SHADOWED = textwrap.dedent("""
