@@ -105,8 +105,8 @@ def test_bundle_with_force_replaces_only_regular_files(tmp_path, capsys, traces)
     assert (d / "report.md").is_fifo()
 
 
-def test_bench_json_out_is_refused_before_measuring(tmp_path, capsys):
-    one_line_error(capsys, bench_cli.main, ["--json-out", str(tmp_path), "--skip-debug"], "is a folder; only regular files")
+def test_bench_json_file_is_refused_before_measuring(tmp_path, capsys):
+    one_line_error(capsys, bench_cli.main, ["--json", str(tmp_path)], "is a folder; only regular files")
 
 
 def test_experiments_refuses_a_folder_holding_its_input(tmp_path, capsys):
