@@ -51,6 +51,21 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.einsum("se,se->s", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def against_reference(pooled: dict[str, np.ndarray], ids: list[str]) -> dict[str, dict[str, float]]:
+    """``{path: {sequence id: cosine}}`` of every path's pooled embedding (``{path: (S, E)}``)
+    against the reference's (``{}`` without a reference)."""
+    ref = pooled.get("reference")
+    if ref is None:
+        return {}
+    return {p: {i: float(c) for i, c in zip(ids, cosines(v, ref))} for p, v in pooled.items() if p != "reference" and v is not None}
+
+
+def stored_against_reference(trace) -> dict[str, dict[str, float]]:
+    """:func:`against_reference` from a trace's stored pooled embeddings."""
+    stored = {p: trace.embeddings(p) for p in trace.file.get("embeddings", {})}
+    return against_reference(stored, [s.id for s in trace.sequences])
+
+
 def pooled_cosines(trace) -> dict[str, dict[str, float]]:
     """``{pair: {sequence id: cosine}}`` from a trace's stored pooled embeddings (``{}`` if none)."""
     ids = [s.id for s in trace.sequences]

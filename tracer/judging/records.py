@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from tracer.judging.diagnosis import Diagnoses
 from tracer.judging.rule import Rule
 from tracer.taps import EMBED, FINAL, parse_tap, walk_key
 
@@ -179,6 +180,8 @@ class Summary:
     attribution: Attribution | None
     taps: list[TapStats]
     local: dict[str, list[LocalLayer]]
+    diagnosis: Diagnoses = field(default_factory=Diagnoses)
+    """Why: the shape, cause and consequence of the divergence and of each drift (:mod:`tracer.judging.diagnosis`)."""
 
     @property
     def diverged(self) -> bool:
@@ -209,6 +212,7 @@ class Summary:
             "verdict": self.verdict,
             "first_divergence": self.first_divergence.to_json() if self.first_divergence else None,
             "attribution": self.attribution.to_json() if self.attribution else None,
+            "diagnosis": self.diagnosis.to_json(),
             "worst_layers": [{"layer": i, "max_rel_l2": _num(v)} for i, v in self.worst_layers()],
             "layers": [{"layer": i, "taps": layers[i]} for i in sorted(layers)],
             EMBED: extra.get(EMBED),
@@ -246,6 +250,7 @@ class Summary:
             attribution=Attribution.from_json(d.get("attribution")),
             taps=taps,
             local=local,
+            diagnosis=Diagnoses.from_json(d.get("diagnosis")),
         )
 
     def format_text(self, table: bool = False) -> str:
@@ -286,6 +291,9 @@ class Summary:
                 )
         else:
             lines.append("attribution none (no reference traced; run with --reference fp32)")
+        for d in self.diagnosis:
+            what, fate = d.lines()
+            lines += [f"diagnosis {what}", f"          {fate}"]
         worst = ", ".join(f"layer {i} {_fmt(v)}" for i, v in self.worst_layers())
         if worst:
             lines.append(f"worst     layers by packed-vs-unpacked max rel L2: {worst}")
@@ -317,7 +325,7 @@ class Summary:
         return "\n".join(rows)
 
 
-_SUMMARY_KEYS = frozenset({"trace", "rule", "verdict", "first_divergence", "attribution", "worst_layers", "layers", EMBED, FINAL, "local"})
+_SUMMARY_KEYS = frozenset({"trace", "rule", "verdict", "first_divergence", "attribution", "diagnosis", "worst_layers", "layers", EMBED, FINAL, "local"})
 """Keys of :meth:`Summary.to_json` that are not the run context."""
 
 

@@ -22,6 +22,7 @@ import torch
 
 from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
+from tracer.judging.embeddings import stored_against_reference
 from tracer.judging.metrics import METRICS, metrics_table, norms, token_metrics
 from tracer.judging.consistency import stored_rule, summary_disagreement
 from tracer.store.trace_file import Trace, checksum_failure, from_numpy
@@ -238,7 +239,8 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
 def _judge(trace: Trace, table: MetricsTable, rule: Rule) -> Summary:
     batch = batch_description(trace.sequences, trace.meta.get("pack_order", "given"))
     ids = [s.id for s in trace.sequences]
-    return judge(table, trace.layout, ids, rule, summary_context(trace.meta, batch), trace=str(trace.path))
+    return judge(table, trace.layout, ids, rule, summary_context(trace.meta, batch), trace=str(trace.path),
+                 pooled_cos=stored_against_reference(trace))
 
 
 def check_summary(trace: Trace, stored: MetricsTable) -> None:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tracer.errors import TracerError
+from tracer.judging.diagnosis import diagnose_all
 from tracer.judging.records import Attribution, LocalLayer, Point, Summary, TapStats, _num, _order  # noqa: F401 (records re-exported)
 from tracer.judging.rule import NOISE_FACTOR, PLAIN_MAX_REL_L2, Rule  # noqa: F401 (re-exported)
 from tracer.taps import parse_tap
@@ -175,8 +176,12 @@ def _point(table, pair, row, col, bars, noise, layout, ids, path=None) -> Point:
     )
 
 
-def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict, trace: str = "") -> Summary:
-    """Apply ``rule`` to ``table``: first divergence, attribution, per-tap stats, local split."""
+def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict, trace: str = "",
+          pooled_cos: dict | None = None) -> Summary:
+    """Apply ``rule`` to ``table``: first divergence, attribution, diagnosis, per-tap stats, local split.
+
+    ``pooled_cos``: ``{path: {sequence id: cosine}}`` of each path's pooled final embedding against
+    the reference (:func:`tracer.judging.embeddings.against_reference`), reported by the diagnosis."""
     bars, noise, floor = thresholds(table, rule)
     pair = table.pairs[PAIR]
     min_cos = rule.min_cos if rule.kind == "plain" else None
@@ -238,6 +243,8 @@ def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict
         attribution=attribution,
         taps=stats,
         local=local,
+        diagnosis=diagnose_all(table, layout, ids, bars, noise, first,
+                               {"packed": attribution.packed, "unpacked": attribution.unpacked} if attribution else {}, pooled_cos),
     )
 
 

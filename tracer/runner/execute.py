@@ -54,7 +54,7 @@ from tracer.errors import TracerError
 from tracer.esm import models
 from tracer.esm.packed_forward import PackedESM2
 from tracer.inputs.sequences import Sequence
-from tracer.judging.embeddings import POOLING, mean_pool
+from tracer.judging.embeddings import POOLING, against_reference, mean_pool
 from tracer.judging.pairs import batch_description, summary_context
 from tracer.judging.verdict import CONTROL, VS_REF, MetricsTable, Summary, judge
 from tracer.runner import preflight
@@ -175,7 +175,7 @@ def execute(run: _Run, writer: TraceWriter, determinism: dict) -> Outcome:
         collector = _collector(run, names, async_writer)
         pooled, table, local = _forwards(run, paths, names, collector)
         with run.clock("judge"):  # while the writer may still be busy
-            summary = _judge(run, meta, table)
+            summary = _judge(run, meta, table, pooled)
         write_stats = {}
         with run.clock("write_wait"):
             if async_writer is not None:
@@ -343,12 +343,13 @@ def _with_control(collector: Collector, control: Control | None) -> tuple[dict, 
     return pairs, present
 
 
-def _judge(run: _Run, meta: dict, table: MetricsTable) -> Summary:
+def _judge(run: _Run, meta: dict, table: MetricsTable, pooled: dict) -> Summary:
     plan = run.plan
     context = summary_context(meta, batch_description(list(plan.sequences), plan.config.pack_order))
     if run.notes:
         context["notes"] = run.notes
-    return judge(table, run.batch.layout, run.batch.ids, plan.rule, context, trace=str(plan.out))
+    return judge(table, run.batch.layout, run.batch.ids, plan.rule, context, trace=str(plan.out),
+                 pooled_cos=against_reference(pooled, run.batch.ids))
 
 
 def _lockstep(run: _Run, paths: list[TracedPath], names: list[str], collector: Collector, pooled: dict) -> tuple[dict, list]:
