@@ -2,7 +2,7 @@
 
 Writes a folder, and the same content as one ``.zip`` next to it, to attach to an issue:
 
-* ``report.md`` -- command line, environment and versions, GPU, verdict, attribution, the
+* ``report.md`` -- command line, environment and versions, GPU, verdict, attribution, diagnosis, the
   sequences and a per-layer table.
 * the plots of :mod:`tracer.plot` (PNG and SVG).
 * ``trace-slim.h5`` -- a valid trace (with its own run id and checksums, written only after the
@@ -36,6 +36,7 @@ from tracer.cli import Parser, main_guard
 from tracer.judging.tables import stored_table, summarize
 from tracer.errors import TracerError
 from tracer.judging.pairs import control_label
+from tracer.judging.diagnosis import Diagnoses
 from tracer.plot import MARKER as PLOT_MARKER, plot_trace, use_file_backend
 from tracer.store import files
 from tracer.store.trace_file import TraceWriter, open_trace, reading, to_numpy
@@ -112,7 +113,7 @@ def _write_slim(trace, dest: Path, budget: int) -> list[str]:
             trace.file[group].visititems(lambda name, obj: keys.append(f"{group}/{name}") if hasattr(obj, "shape") else None)
             for key in keys:
                 w.write_array(key, trace.read_small(key), dtype=trace.file[key].dtype)
-        pooled = {p: e for p in ("unpacked", "packed", "reference") if (e := trace.embeddings(p)) is not None}  # checked
+        pooled = {p: e for p in ("unpacked", "packed", "reference", "control") if (e := trace.embeddings(p)) is not None}  # checked
         if pooled:
             w.write_embeddings(pooled, _attr(trace.file["embeddings"].attrs.get("pooling", "")))
         w.set_json("meta", meta)
@@ -133,6 +134,27 @@ def _worst_of(values) -> float | None:
     """Largest value; ``None`` (NaN/Inf, printed ``nan``) if any is, never skipped."""
     values = list(values)
     return None if any(v is None for v in values) else max(values, default=None)
+
+
+EVIDENCE_SHOWN = ("step_position", "step_ratio", "position_rho", "growth_ratio", "slope_per_100", "eta2", "first_packed",
+                  "level_vs_length_rho", "edge_ratio", "spread_p90_p10", "scale_only", "fraction_over", "median_ratio", "max_ratio")
+"""Evidence numbers the report shows (the rest is in the summary's JSON)."""
+
+
+def _diagnosis_markdown(summary: dict) -> list[str]:
+    """``## Diagnosis``: pattern, cause, evidence, propagation and pooled cosines of each diagnosis."""
+    diags = Diagnoses.from_json(summary.get("diagnosis"))
+    if not diags:
+        return []
+    lines = ["## Diagnosis", ""]
+    for d in diags:
+        what, fate = d.lines()
+        ev = ", ".join(f"{k} {d.evidence[k]}" for k in EVIDENCE_SHOWN if d.evidence.get(k) is not None)
+        lines += [f"- **{d.subject}** at `{d.tap}` (sequence `{d.sequence}`, token {d.token}): **{d.pattern}**: {d.cause}.",
+                  f"  {fate[0].upper() + fate[1:]}.", f"  Evidence ({d.pair}, errors in units of the noise level): {ev}."]
+        for path, cos in d.pooled_cos.items():
+            lines.append(f"  Pooled-embedding cosine of {path} vs the reference: " + ", ".join(f"`{i}` {c:.6f}" for i, c in cos.items()) + ".")
+    return lines + [""]
 
 
 def report_markdown(summary: dict, meta: dict, trace, slim_taps: list[str], plots: list[str]) -> str:
@@ -156,6 +178,7 @@ def report_markdown(summary: dict, meta: dict, trace, slim_taps: list[str], plot
         if att.get("explained_by") and fd:
             lines.append(f"The divergence is explained by: **{att['explained_by']}**.")
     lines += ["", f"Rule: {summary['rule']['description']}.", ""]
+    lines += _diagnosis_markdown(summary)
     lines += ["## Run", "", f"```\n{' '.join(meta.get('command') or ['(API call)'])}\n```", ""]
     w = meta["weights"]
     rows = [

@@ -10,6 +10,10 @@ Writes PNG and SVG files:
 * ``heatmap-<pair>`` -- layer x token heatmaps of the relative L2 error, one panel per site,
   sequences separated and labelled, the first divergence circled.
 * ``sequences`` -- per-sequence curves of the layer output (``resid_out``) error.
+* ``positions`` -- at the tap the diagnosis names (:mod:`tracer.judging.diagnosis`), each path's
+  error against the reference (and the control's, when traced) against the position inside each
+  sequence, with the bar and the first integer the run dtype cannot hold (bfloat16 257, float16
+  2049) marked; written when the trace has a diagnosis.
 
 The figures work from the per-token metrics stored in every trace (full, ``--metrics-only`` or a
 bundle's slim file). The functions return matplotlib figures, for notebooks::
@@ -42,6 +46,7 @@ from tracer.judging.tables import stored_table, summarize
 from tracer.errors import TracerError
 from tracer.store.trace_file import open_trace, reading
 from tracer.taps import EMBED, FINAL, SITES, parse_tap
+from tracer.judging.diagnosis import INTEGER_LIMITS
 from tracer.judging.verdict import CONTROL, MetricsTable
 
 PAIR_LABELS = {
@@ -49,6 +54,7 @@ PAIR_LABELS = {
     "unpacked-vs-reference": "unpacked vs reference",
     "packed-vs-reference": "packed vs reference",
 }
+
 COLORS = dict(zip(SITES, plt.get_cmap("tab10").colors))
 FLOOR = 1e-9  # log-scale floor for exact agreement (relative L2 of 0)
 
@@ -253,6 +259,62 @@ def sequences_figure(data: PlotData, site: str = "resid_out"):
     return fig
 
 
+def diagnosed_tap(summary: dict) -> tuple[str, dict] | None:
+    """The tap of the first diagnosis (the divergence's, else the earliest drift's) and that diagnosis."""
+    diags = [d for d in (summary.get("diagnosis") or {}).values() if d]
+    return (diags[0]["tap"], diags[0]) if diags else None
+
+
+def _tap_stats(summary: dict, tap: str) -> dict:
+    layer, site = parse_tap(tap)
+    if layer is None:
+        return summary.get(site) or {}
+    rows = [e["taps"] for e in summary.get("layers", []) if e["layer"] == layer]
+    return rows[0].get(site, {}) if rows else {}
+
+
+def positions_figure(data: PlotData):
+    """Error against the position inside each sequence at the diagnosed tap, one panel per path
+    (against the reference; packed vs unpacked without one), the bar and the dtype's integer limit marked."""
+    found = diagnosed_tap(data.summary)
+    if found is None:
+        raise TracerError(f"{data.path} has no diagnosis to draw")
+    tap, diag = found
+    pairs = [p for p in ("packed-vs-reference", "unpacked-vs-reference", CONTROL) if data.table.has(p)] or ["packed-vs-unpacked"]
+    row = data.table.taps.index(tap)
+    stats = _tap_stats(data.summary, tap)
+    limits = [p for p, dt in INTEGER_LIMITS.items() if dt == data.summary.get("dtype")]
+    limits = limits or ([diag["evidence"]["step_position"]] if diag["pattern"] == "step-at-position" else [])
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.4 * len(pairs), 4.2), sharey=True, squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    rel_all = np.concatenate([data.table.pairs[p]["rel_l2"][row] for p in pairs])
+    bottom = _bottom(rel_all)
+    for ax, pair in zip(axes[0], pairs):
+        rel = data.table.pairs[pair]["rel_l2"][row]
+        for s, name in enumerate(data.ids):
+            seg = rel[data.offsets[s]:data.offsets[s + 1]]
+            ax.plot(np.arange(len(seg)), np.maximum(np.nan_to_num(seg, nan=np.inf), bottom), lw=0.9, marker="." if len(seg) < 40 else None,
+                    ms=3, color=cmap(s / max(1, len(data.ids) - 1)), label=f"{name} ({len(seg) - 2} res)",
+                    zorder=3 - len(seg) / max(np.diff(data.offsets)))  # shorter sequences drawn on top
+        if stats.get("threshold"):
+            ax.axhline(stats["threshold"], color="red", lw=0.9, ls="--", label=f"bar {stats['threshold']:.3g}")
+        if stats.get("noise"):
+            ax.axhline(stats["noise"], color="0.4", lw=0.8, ls=":", label=f"noise {stats['noise']:.3g}")
+        for limit in limits:
+            if limit < max(np.diff(data.offsets)):
+                ax.axvline(limit, color="k", lw=0.8, ls="-.", label=f"{limit}: first integer {INTEGER_LIMITS[limit]} cannot hold")
+        ax.set_yscale("log")
+        ax.set_title(PAIR_LABELS.get(pair, pair.replace("-vs-", " vs ")))
+        ax.set_xlabel("position inside the sequence (token 0 = <cls>)")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel(f"relative L2 error at {tap}")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fate = "propagates" if diag["propagates"] else f"absorbed at {diag['absorbed_at']}" if diag["propagates"] is False else ""
+    fig.suptitle(f"{tap}: {diag['pattern']} ({diag['subject']}), {fate}\n{data.title}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 MARKER = "plots.json"
 """Written with the figures: which trace they are of, and which files are the set."""
 
@@ -260,7 +322,8 @@ MARKER = "plots.json"
 def plot_names(data: PlotData) -> list[str]:
     """The figures a trace gets (without extension), as :func:`plot_trace` writes them."""
     sites = [site for site in SITES if any(parse_tap(n)[1] == site for n in data.table.taps)]
-    return ["curves"] + (["sequences"] + [f"heatmap-{pair}" for pair in data.pairs()] if sites else [])
+    return (["curves"] + (["sequences"] + [f"heatmap-{pair}" for pair in data.pairs()] if sites else [])
+            + (["positions"] if diagnosed_tap(data.summary) is not None else []))
 
 
 def _check_folder(out: Path, data: PlotData, names: list[str], force: bool) -> None:
@@ -305,10 +368,12 @@ def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool 
     sites = [site for site in SITES if any(parse_tap(n)[1] == site for n in data.table.taps)]
     figures = {"curves": curves_figure(data)}
     try:
-        if len(names) > 1:
+        if "sequences" in names:
             figures["sequences"] = sequences_figure(data, "resid_out" if "resid_out" in sites else sites[-1])
             for pair in data.pairs():
                 figures[f"heatmap-{pair}"] = heatmap_figure(data, pair)
+        if "positions" in names:
+            figures["positions"] = positions_figure(data)
         items = [(out / f"{name}.{ext}", _savefig(fig, ext)) for name, fig in figures.items() for ext in ("png", "svg")]
         marker = {"trace": str(Path(path).resolve()), "identity": data.identity, "files": [p.name for p, _ in items]}
         items.append((out / MARKER, json.dumps(marker, indent=2) + "\n"))

@@ -38,7 +38,8 @@ def _valid_svg(path):
 def test_plot_command_writes_png_and_svg(small_trace, tmp_path):
     r = cli("tracer.plot", str(small_trace), "-o", str(tmp_path / "plots"))
     assert r.returncode == 0, r.stderr
-    names = {"curves", "sequences", "heatmap-packed-vs-unpacked", "heatmap-unpacked-vs-reference", "heatmap-packed-vs-reference"}
+    names = {"curves", "sequences", "heatmap-packed-vs-unpacked", "heatmap-unpacked-vs-reference", "heatmap-packed-vs-reference",
+             "positions"}
     for name in names:
         assert _valid_png(tmp_path / "plots" / f"{name}.png")
         assert _valid_svg(tmp_path / "plots" / f"{name}.svg")
@@ -52,7 +53,7 @@ def test_bundle_is_small_complete_and_rereadable(small_trace, tmp_path):
     size = sum(f.stat().st_size for f in out.iterdir())
     assert size < 25_000_000 and archive.stat().st_size < 25_000_000
     report = (out / "report.md").read_text()
-    for fragment in ("First divergence", "Attribution", "## Run", "torch", "| layer | worst tap", "trace-slim.h5"):
+    for fragment in ("First divergence", "Attribution", "## Diagnosis", "step-at-position", "## Run", "torch", "| layer | worst tap", "trace-slim.h5"):
         assert fragment in report
     with zipfile.ZipFile(archive) as z:
         assert {"report/report.md", "report/trace-slim.h5", "report/curves.png"} <= set(z.namelist())
@@ -65,7 +66,7 @@ def test_bundle_is_small_complete_and_rereadable(small_trace, tmp_path):
     again = cli("tracer.compare", str(slim), "--json")
     assert again.returncode == 0, again.stderr
     a, b = json.loads(original.stdout), json.loads(again.stdout)
-    for key in ("verdict", "first_divergence", "attribution", "layers"):
+    for key in ("verdict", "first_divergence", "attribution", "diagnosis", "layers"):
         assert a[key] == b[key], key
     r = cli("tracer.plot", str(slim), "-o", str(tmp_path / "slim-plots"))
     assert r.returncode == 0, r.stderr
