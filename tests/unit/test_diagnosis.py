@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tracer.judging import diagnosis as dg
-from tracer.judging.diagnosis import Diagnoses, Diagnosis, classify, diagnose_all
+from tracer.judging.diagnosis import Diagnoses, Diagnosis, Judged, classify, diagnose_all
 from tracer.inputs.packing import PACK_ORDERS, Layout, pack_order
 from tracer.taps import tap_names
 from tracer.judging.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, judge, thresholds
@@ -54,8 +54,10 @@ def _judged(table, layout, pooled=None):
     s = judge(table, layout, IDS[: len(layout.lengths)], rule, {"reference": "float32"})
     bars, noise, _ = thresholds(table, rule)
     a = s.attribution
-    return diagnose_all(table, layout, IDS[: len(layout.lengths)], bars, noise, s.first_divergence,
-                        {"packed": a.packed, "unpacked": a.unpacked}, pooled)
+    diags = diagnose_all(Judged(table, layout, IDS[: len(layout.lengths)], bars, noise), s.first_divergence,
+                         {"packed": a.packed, "unpacked": a.unpacked}, pooled)
+    assert diags == s.diagnosis if pooled is None else True  # judge runs the same diagnosis
+    return diags
 
 
 def _one(diags: Diagnoses, subject: str) -> Diagnosis:

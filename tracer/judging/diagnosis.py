@@ -31,9 +31,9 @@ The vocabulary (``docs/diagnosis.md`` states the rules, thresholds and margins):
 Example::
 
     bars, noise, _ = thresholds(table, rule)
-    d = diagnose(table, layout, ids, bars, noise, pair="unpacked-vs-reference",
-                 point=summary.attribution.unpacked, dtype="bfloat16")
+    d = diagnose(Judged(table, layout, ids, bars, noise), "unpacked-vs-reference", summary.attribution.unpacked, "unpacked")
     d.pattern, d.evidence["step_position"], d.cause    # 'step-at-position', 257, 'positions or ...'
+    summary.diagnosis                                   # the same, for the divergence and each drift (judge)
 """
 
 from __future__ import annotations
@@ -415,24 +415,25 @@ def _downstream(taps: list[str], row: int) -> list[int]:
     return sorted(out, key=lambda i: walk_key(taps[i]))
 
 
-def _check(name, rel, bars, unit, row, cols) -> Check:
+def _check(judged: "Judged", rel: np.ndarray, row: int, cols: np.ndarray) -> Check:
     v = rel[row, cols].astype(np.float64)
     finite = v[np.isfinite(v)]
-    ratio = _num(finite.max() / max(unit[row], _TINY)) if finite.size else None
-    return Check(name, ratio, bool((v <= bars[row]).all()))  # NaN never passes
+    ratio = _num(finite.max() / max(judged.unit[row], _TINY)) if finite.size else None
+    return Check(judged.table.taps[row], ratio, bool((v <= judged.bars[row]).all()))  # NaN never passes
 
 
-def propagation(table, pair: str, row: int, cols: np.ndarray, bars: np.ndarray, unit: np.ndarray) -> dict:
+def propagation(judged: "Judged", pair: str, row: int, cols: np.ndarray) -> dict:
     """Whether the tokens ``cols`` diagnosed at ``row`` stay over the bar downstream.
 
     ``absorbed_at``: the first stream tap from which every later stream tap has them all within
     the bar (``None`` when the final representation is over). ``propagates``: the final
     representation (``final_norm``, else the last traced ``resid_out``) is over the bar.
     """
+    table = judged.table
     rel = table.pairs[pair]["rel_l2"]
     compared = table.compared(pair)
     rows = [i for i in _downstream(table.taps, row) if compared[i]]
-    checks = [_check(table.taps[i], rel, bars, unit, i, cols) for i in rows]
+    checks = [_check(judged, rel, i, cols) for i in rows]
     absorbed = None
     for c in reversed(checks):
         if not c.within:
@@ -449,14 +450,31 @@ def propagation(table, pair: str, row: int, cols: np.ndarray, bars: np.ndarray, 
 # --- entry points -------------------------------------------------------------------------
 
 
-def diagnose(table, layout, ids: list[str], bars: np.ndarray, noise: np.ndarray | None, *, pair: str, point,
-             subject: str, pooled_cos: dict | None = None) -> Diagnosis:
+@dataclass(frozen=True, eq=False)
+class Judged:
+    """What the verdict judged: the metrics table, the token layout (``lengths``, ``order``), the
+    sequence ids, and the per-tap bars and noise levels of :func:`verdict.thresholds` (``noise``
+    ``None`` under the plain rule)."""
+
+    table: object
+    layout: object
+    ids: list
+    bars: np.ndarray
+    noise: np.ndarray | None
+
+    @property
+    def unit(self) -> np.ndarray:
+        """What errors are measured in: the noise level, else the bar."""
+        return np.asarray(self.noise if self.noise is not None else self.bars, dtype=np.float64)
+
+
+def diagnose(judged: Judged, pair: str, point, subject: str, pooled_cos: dict | None = None) -> Diagnosis:
     """The diagnosis of one verdict point (``point``: a :class:`~verdict.Point`) in ``pair``."""
+    table, bars = judged.table, judged.bars
     row = table.taps.index(point.name)
-    unit = np.asarray(noise if noise is not None else bars, dtype=np.float64)
     e = table.pairs[pair]["rel_l2"][row].astype(np.float64)
-    pattern, ev = classify(e, float(bars[row]), float(unit[row]), layout, ids)
-    ev["unit"] = "noise" if noise is not None else "bar"
+    pattern, ev = classify(e, float(bars[row]), float(judged.unit[row]), judged.layout, judged.ids)
+    ev["unit"] = "noise" if judged.noise is not None else "bar"
     cols = np.flatnonzero(~(e <= bars[row]))
     finite = e[cols][np.isfinite(e[cols])]
     ev["median_rel_l2"] = float(np.median(finite)) if finite.size else None
@@ -464,12 +482,12 @@ def diagnose(table, layout, ids: list[str], bars: np.ndarray, noise: np.ndarray 
     # over the tokens over the bar: a pure scale a = c * b has cos distance 0, an error of the same
     # size in a random direction has about rel^2 / 2
     ev["scale_only"] = bool(finite.size == cols.size > 0 and np.isfinite(cd).all() and np.median(cd) <= 0.01 * ev["median_rel_l2"] ** 2)
-    prop = propagation(table, pair, row, cols, bars, unit)
+    prop = propagation(judged, pair, row, cols)
     return Diagnosis(subject, pair, point.name, point.sequence, point.token, pattern, _clean(ev),
                      cause(pattern, parse_tap(point.name)[1], ev), **prop, pooled_cos=pooled_cos or {})
 
 
-def diagnose_all(table, layout, ids, bars, noise, first, drifts: dict, pooled_cos: dict | None = None) -> Diagnoses:
+def diagnose_all(judged: Judged, first, drifts: dict, pooled_cos: dict | None = None) -> Diagnoses:
     """The first divergence's diagnosis and each drifting path's (``drifts``: ``{path: Point | None}``).
 
     ``pooled_cos``: ``{path: {sequence id: cosine against the reference}}`` (paths ``packed``,
@@ -482,14 +500,13 @@ def diagnose_all(table, layout, ids, bars, noise, first, drifts: dict, pooled_co
 
     div = None
     if first is not None:
-        div = diagnose(table, layout, ids, bars, noise, pair="packed-vs-unpacked", point=first,
-                       subject="divergence", pooled_cos=cos_of("packed", "unpacked"))
+        div = diagnose(judged, "packed-vs-unpacked", first, "divergence", cos_of("packed", "unpacked"))
     out = {}
     for path in ("packed", "unpacked"):
         p = drifts.get(path)
         pair = f"{path}-vs-reference"
-        if p is not None and table.has(pair):
-            out[path] = diagnose(table, layout, ids, bars, noise, pair=pair, point=p, subject=path, pooled_cos=cos_of(path))
+        if p is not None and judged.table.has(pair):
+            out[path] = diagnose(judged, pair, p, path, cos_of(path))
     return Diagnoses(div, out.get("packed"), out.get("unpacked"))
 
 

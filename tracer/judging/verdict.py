@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tracer.errors import TracerError
-from tracer.judging.diagnosis import diagnose_all
+from tracer.judging.diagnosis import Judged, diagnose_all
 from tracer.judging.records import Attribution, LocalLayer, Point, Summary, TapStats, _num, _order  # noqa: F401 (records re-exported)
 from tracer.judging.rule import NOISE_FACTOR, PLAIN_MAX_REL_L2, Rule  # noqa: F401 (re-exported)
 from tracer.taps import parse_tap
@@ -243,7 +243,7 @@ def judge(table: MetricsTable, layout, ids: list[str], rule: Rule, context: dict
         attribution=attribution,
         taps=stats,
         local=local,
-        diagnosis=diagnose_all(table, layout, ids, bars, noise, first,
+        diagnosis=diagnose_all(Judged(table, layout, ids, bars, noise), first,
                                {"packed": attribution.packed, "unpacked": attribution.unpacked} if attribution else {}, pooled_cos),
     )
 
