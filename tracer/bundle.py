@@ -153,7 +153,7 @@ def _diagnosis_markdown(summary: dict) -> list[str]:
         lines += [f"- **{d.subject}** at `{d.tap}` (sequence `{d.sequence}`, token {d.token}): **{d.pattern}**: {d.cause}.",
                   f"  {fate[0].upper() + fate[1:]}.", f"  Evidence ({d.pair}, errors in units of the noise level): {ev}."]
         for path, cos in d.pooled_cos.items():
-            lines.append(f"  Pooled-embedding cosine of {path} vs the reference: " + ", ".join(f"`{i}` {c:.6f}" for i, c in cos.items()) + ".")
+            lines.append(f"  Pooled-embedding cosine of {path} vs the reference: " + ", ".join(f"`{i}` {'nan' if c is None else f'{c:.6f}'}" for i, c in cos.items()) + ".")
     return lines + [""]
 
 

@@ -169,6 +169,18 @@ def test_non_finite():
     profile[7] = np.nan
     d = _one(_judged(_table(LENGTHS, {("packed", "layers.0.ctx"): profile}), Layout.from_lengths(LENGTHS)), "packed")
     assert d.pattern == "non-finite" and d.evidence["tokens"] == [["small", 2]]
+    json.dumps(d.to_json(), allow_nan=False)  # strict JSON: NaN/Inf are null
+    assert d.lines()[0].startswith("packed at layers.0.ctx: non-finite")
+
+
+def test_non_finite_pooled_embedding_is_null_and_printed_nan():
+    profile = np.zeros(sum(LENGTHS))
+    profile[7] = np.nan
+    pooled = {"packed": dict(zip(IDS, [np.nan, 1.0, 1.0, 1.0])), "unpacked": dict(zip(IDS, [1.0] * 4))}
+    d = _one(_judged(_table(LENGTHS, {("packed", "layers.0.ctx"): profile}), Layout.from_lengths(LENGTHS), pooled), "packed")
+    assert d.pooled_cos["packed"]["tiny"] is None
+    json.dumps(d.to_json(), allow_nan=False)
+    assert "pooled cos vs reference (worst sequence): packed nan" in d.lines()[1]
 
 
 def test_absorbed_error_names_the_first_tap_back_within_noise():
@@ -207,7 +219,7 @@ def test_divergence_and_drift_each_get_one_and_json_round_trips():
     assert diags.divergence.pattern == diags.unpacked.pattern == "step-at-position" and diags.packed is None
     assert set(diags.divergence.pooled_cos) == {"packed", "unpacked", "control"}
     assert set(diags.unpacked.pooled_cos) == {"unpacked", "control"}
-    text = json.dumps(diags.to_json())
+    text = json.dumps(diags.to_json(), allow_nan=False)
     assert Diagnoses.from_json(json.loads(text)) == diags
     assert "step-at-position 257" in diags.unpacked.lines()[0]
 

@@ -152,12 +152,13 @@ class Diagnosis:
         if self.propagates is None:
             fate = "no later tap traced"
         elif self.propagates:
-            fate = f"propagates to {self.final.tap} ({self.final.max_ratio:.3g} x noise)"
+            size = "a NaN or Inf" if self.final.max_ratio is None else f"{self.final.max_ratio:.3g} x noise"
+            fate = f"propagates to {self.final.tap} ({size})"
         else:
             fate = f"absorbed at {self.absorbed_at}" if self.absorbed_at else "absorbed"
         if self.attention is not None:
             fate += f"; {self.attention.tap} {'within' if self.attention.within else 'beyond'} noise"
-        cos = ", ".join(f"{p} {min(v.values()):.6f}" for p, v in self.pooled_cos.items() if v)
+        cos = ", ".join(f"{p} {_worst_cos(v)}" for p, v in self.pooled_cos.items() if v)
         cos = f"; pooled cos vs reference (worst sequence): {cos}" if cos else ""
         return [f"{self.subject} at {self.tap}: {self.pattern}{at}: {self.cause}", f"{fate}{cos}"]
 
@@ -495,8 +496,9 @@ def diagnose_all(judged: Judged, first, drifts: dict, pooled_cos: dict | None = 
     """
     pooled_cos = pooled_cos or {}
 
-    def cos_of(*paths):
-        return {p: pooled_cos[p] for p in (*paths, "control") if p in pooled_cos}
+    def cos_of(*paths):  # full float64 precision (1 - cos matters); NaN (a NaN/Inf embedding) as None
+        return {p: {i: (float(c) if np.isfinite(c) else None) for i, c in pooled_cos[p].items()}
+                for p in (*paths, "control") if p in pooled_cos}
 
     div = None
     if first is not None:
@@ -508,6 +510,12 @@ def diagnose_all(judged: Judged, first, drifts: dict, pooled_cos: dict | None = 
         if p is not None and judged.table.has(pair):
             out[path] = diagnose(judged, pair, p, path, cos_of(path))
     return Diagnoses(div, out.get("packed"), out.get("unpacked"))
+
+
+def _worst_cos(by_sequence: dict) -> str:
+    """The lowest cosine, ``nan`` if any sequence's embedding held a NaN/Inf."""
+    values = list(by_sequence.values())
+    return "nan" if any(v is None for v in values) else f"{min(values):.6f}"
 
 
 def _clean(ev: dict) -> dict:
