@@ -1,8 +1,9 @@
 """The diagnosis of a divergence from synthetic metrics tables: one test per pattern, planted in
 either path, plus propagation, the fault-free case and the JSON schema.
 
-Tables hold a healthy error of about 1e-3 (log-normal, spread 1.3x) at every tap and token, and
-a planted profile on one path at one tap; the noise rule (K = 8) judges them as a run would.
+Tables hold a healthy error of about 1e-3 (log-normal, spread 1.3x) at every tap and token (the
+control path's too), and a planted profile on one path at one tap; the noise rule judges them as
+a run would.
 """
 
 import json
@@ -16,7 +17,7 @@ from tracer.judging import diagnosis as dg
 from tracer.judging.diagnosis import Diagnoses, Diagnosis, Judged, classify, diagnose_all
 from tracer.inputs.packing import PACK_ORDERS, Layout, pack_order
 from tracer.taps import tap_names
-from tracer.judging.verdict import PAIR, ROUNDED, VS_REF, MetricsTable, Rule, judge, thresholds
+from tracer.judging.verdict import CONTROL, PAIR, ROUNDED, VS_REF, MetricsTable, Rule, judge, thresholds
 
 HEALTHY = 1e-3
 IDS = ["tiny", "small", "medium", "large"]
@@ -31,10 +32,11 @@ def _table(lengths, planted: dict | None = None, seed: int = 0) -> MetricsTable:
     rng = np.random.default_rng(seed)
     taps = tap_names(2)
     n = sum(lengths)
-    err = {p: HEALTHY * rng.lognormal(0, 0.25, (len(taps), n)) for p in ("packed", "unpacked")}
+    err = {p: HEALTHY * rng.lognormal(0, 0.25, (len(taps), n)) for p in ("packed", "unpacked", "control")}
     for (path, tap), profile in (planted or {}).items():
         err[path][taps.index(tap)] = np.maximum(err[path][taps.index(tap)], profile)
-    pairs = {VS_REF[p]: _metrics(e) for p, e in err.items()}
+    pairs = {VS_REF[p]: _metrics(err[p]) for p in ("packed", "unpacked")}
+    pairs[CONTROL] = _metrics(err["control"])  # the healthy control sets the noise level
     pairs[PAIR] = _metrics(np.maximum(err["packed"], err["unpacked"]))
     pairs[ROUNDED] = _metrics(np.full((len(taps), n), 0.5 * HEALTHY))
     return MetricsTable(taps, pairs)
