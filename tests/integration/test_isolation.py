@@ -210,6 +210,26 @@ def test_the_fingerprint_sees_every_kind_of_change():
     assert any(c.startswith("torch setting cuDNN TF32") for c in changes)
 
 
+def test_torch_rewrapping_its_own_function_on_a_lazy_import_is_not_a_change(monkeypatch):
+    """The first import of torch._dynamo (which a varlen kernel may trigger inside a forward)
+    rebinds torch.manual_seed to a disable-wrapper of itself: torch's own wrapper of the very same
+    function is no change. A wrapper written elsewhere, even one that keeps __wrapped__, is."""
+    import functools
+
+    model = build_random(architecture(SMALL), 0)
+    original = torch.manual_seed
+    before = isolation.Fingerprint.take(model)
+    monkeypatch.setattr(torch, "manual_seed", torch._disable_dynamo(original))
+    assert before.changes(isolation.Fingerprint.take(model)) == []
+
+    @functools.wraps(original)
+    def user_wrapper(*a, **k):
+        return original(*a, **k)
+
+    monkeypatch.setattr(torch, "manual_seed", user_wrapper)
+    assert "torch.manual_seed (function replaced)" in before.changes(isolation.Fingerprint.take(model))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_device_digest_is_exact_and_sees_swaps_scales_and_nan(dtype):
     x = torch.randn(64, 48, dtype=dtype)

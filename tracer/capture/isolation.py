@@ -42,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import types
@@ -149,15 +150,30 @@ def _namespaces(model) -> list[tuple[str, dict]]:
     return spaces
 
 
-def _functions(model) -> dict[str, int]:
+def _functions(model) -> dict[str, object]:
     out = {}
     for label, space in _namespaces(model):
         for key, v in list(space.items()):
             if callable(v) and not isinstance(v, (type, types.ModuleType)):
-                out[f"{label}.{key}"] = id(v)
+                out[f"{label}.{key}"] = v
             elif isinstance(v, (staticmethod, classmethod, property)):
-                out[f"{label}.{key}"] = id(v)
+                out[f"{label}.{key}"] = v
     return out
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _torch_rewrap(old, new) -> bool:
+    """Whether ``new`` is torch's own wrapper of ``old``: torch rebinds a few functions when one
+    of its modules is first imported (``torch._dynamo`` wraps ``torch.manual_seed`` in its
+    disable decorator), which may happen inside any forward. A wrapper written outside torch's
+    installation, or one that does not wrap the very same function, is a change."""
+    code = getattr(new, "__code__", None)
+    inner = getattr(new, "__wrapped__", None)
+    while inner is not None and inner is not old:
+        inner = getattr(inner, "__wrapped__", None)
+    return inner is old and code is not None and os.path.abspath(code.co_filename).startswith(_TORCH_DIR + os.sep)
 
 
 def _settings() -> dict:
@@ -191,7 +207,7 @@ class Fingerprint:
         tensors: name -> (dtype, shape, stride, device, storage address, value digest bytes).
         modules: module name -> {attribute: plain value}.
         hooks: module name -> {hook dict: ((id, id(fn)), ...)}, plus ``<global>``.
-        functions: ``namespace.name`` -> ``id(function)``.
+        functions: ``namespace.name`` -> the function object (compared by identity).
         settings: torch switch -> value.
     """
 
@@ -269,7 +285,7 @@ class Fingerprint:
         for name in self.functions:
             if name not in now.functions:
                 out.append(f"{name} (function removed)")
-            elif self.functions[name] != now.functions[name]:
+            elif self.functions[name] is not now.functions[name] and not _torch_rewrap(self.functions[name], now.functions[name]):
                 out.append(f"{name} (function replaced)")
         for key in self.settings:
             if self.settings[key] != now.settings.get(key):
