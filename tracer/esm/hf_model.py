@@ -34,6 +34,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from tracer.esm.attention import Backend
@@ -108,7 +110,8 @@ def build_hf(model, attn: str, dtype_by: str, dtype: torch.dtype):
     state["rotary_embeddings.inv_freq"] = models.loaded_inv_freq(model.layers[0].self_attn.rot_emb).to(device)  # as stored
     cfg = hf_config(arch)
     if dtype_by == "from_pretrained":
-        hf = EsmModel.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype, add_pooling_layer=False, attn_implementation=attn)
+        with _quiet_transformers():  # its per-tensor "Loading weights" bar would bury tracer's lines
+            hf = EsmModel.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype, add_pooling_layer=False, attn_implementation=attn)
         hf.to(device)  # a move: from_pretrained already set the dtypes
     else:
         with torch.device("meta"):
@@ -171,3 +174,17 @@ class PackedForward:
             cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=max_q, max_length_k=max_k,
         ).last_hidden_state  # (1, N, E)
         return out[0]
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' progress bars off for the duration (as the user had them, after)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
