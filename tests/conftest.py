@@ -45,6 +45,25 @@ def small_model():
     return model, arch
 
 
+TINY_ARCH = ("custom", 2, 64, 4)
+"""A 2-layer, 64-dim, 4-head ESM-2 (head dim 16): campaigns run many traces on it."""
+
+
+@pytest.fixture
+def tiny():
+    """The 2-layer model with seeded random weights, as ``load_model`` returns a model: (model, arch, weights)."""
+    from tracer.esm.models import Architecture, Weights, build_random, fingerprint
+
+    arch = Architecture(*TINY_ARCH)
+    model = build_random(arch, seed=0)
+    return model, arch, Weights("random", None, 0, fingerprint(model))
+
+
+def campaign_config(**kw) -> RunConfig:
+    """The base configuration of campaign tests: random weights, CPU, bfloat16."""
+    return RunConfig(**{"weights": "random", "device": "cpu", "dtype": "bfloat16", **kw})
+
+
 def one_line_error(capsys, main, argv, fragment, code=2):
     """Run a CLI main in-process; assert exit code, exactly one stderr line, the fragment."""
     assert main(argv) == code

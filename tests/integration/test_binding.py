@@ -68,7 +68,8 @@ def test_item10_data_of_another_run_fails_the_checksums(pair, tmp_path, capsys):
     one_line_error(capsys, compare.main, [str(x)], "fails its checksum")
     y = _copy(pair[0], tmp_path, "emb.h5")  # the embeddings alone: compare reads them too
     _transplant(y, pair[1], ["embeddings"])
-    one_line_error(capsys, compare.main, [str(y)], "/embeddings/unpacked fails its checksum")
+    line = one_line_error(capsys, compare.main, [str(y)], "fails its checksum")
+    assert "/embeddings/" in line, line  # whichever side's embeddings are read first
 
 
 def test_item10_a_stored_summary_that_the_data_do_not_give_is_refused(pair, tmp_path, capsys):

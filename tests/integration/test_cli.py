@@ -1,6 +1,8 @@
 """The command line end to end, as a user runs it (subprocesses, CPU, small random model)."""
 
 import json
+
+import pytest
 import subprocess
 import sys
 
@@ -105,6 +107,8 @@ def test_bench_write_is_timed_to_durable_data(tmp_path, monkeypatch):
 def test_negative_max_batch_tokens_is_one_line_error(capsys):
     from tracer.run import main
 
-    assert main(["--model", "esm2_t6_8M_UR50D", "--weights", "random", "--max-batch-tokens", "-5"]) == 2
-    err = capsys.readouterr().err
-    assert "tracer: error: --max-batch-tokens must be 0" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as stop:  # refused by the option's range, before anything loads
+        main(["--model", "esm2_t6_8M_UR50D", "--weights", "random", "--max-batch-tokens", "-5"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-batch-tokens" in err[0] and "-5 is out of range" in err[0], err

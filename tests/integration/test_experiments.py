@@ -3,28 +3,18 @@
 import json
 
 import pytest
+
+from tests.conftest import TINY_ARCH, campaign_config as base
 import torch
 
 from tracer import experiments, sweep
 from tracer.campaigns.campaign import Campaign
 from tracer.errors import TracerError
 from tracer.inputs.faults import Faults
-from tracer.esm.models import Architecture, Weights, build_random, fingerprint
+from tracer.esm.models import Architecture, build_random
 from tracer.campaigns.probes import fair_esm_rope_fp32
 from tracer.inputs.sequences import make_batch, motif_sequence
-from tracer.runner.config import RunConfig
 
-TINY = Architecture("custom", 2, 64, 4)  # head dim 16
-
-
-@pytest.fixture
-def tiny():
-    model = build_random(TINY, seed=0)
-    return model, TINY, Weights("random", None, 0, fingerprint(model))
-
-
-def base(**kw):
-    return RunConfig(**{"weights": "random", "device": "cpu", "dtype": "bfloat16", **kw})
 
 
 def batch():
@@ -156,7 +146,7 @@ def test_experiments_cli_on_a_checkpoint_with_a_planted_fault(tmp_path, capsys):
     from tests.unit.test_models import write_checkpoint
 
     ckpt = tmp_path / "tiny.pt"
-    write_checkpoint(ckpt, build_random(TINY, seed=3), TINY)
+    write_checkpoint(ckpt, build_random(Architecture(*TINY_ARCH), seed=3), Architecture(*TINY_ARCH))
     argv = ["--weights", str(ckpt), "--device", "cpu", "--dtype", "float32", "--reference", "fp64", "--seq-len", "260",
             "--fault", "positions-bf16", "--out", str(tmp_path / "exp"), "--json", "--quiet"]
     assert experiments.main(argv) == 0

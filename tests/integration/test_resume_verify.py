@@ -9,27 +9,16 @@ from pathlib import Path
 import h5py
 import pytest
 
+from tests.conftest import campaign_config as base
+
 from tracer import experiments, sweep
 from tracer.campaigns.campaign import TraceFacts
 from tracer.errors import TracerError
-from tracer.esm.models import Architecture, Weights, build_random, fingerprint
 from tracer.inputs.sequences import make_batch, motif_sequence
-from tracer.runner.execute import RunConfig
 from tracer.store.binding import seed
 from tracer.store.trace_file import checksum
 
-TINY = Architecture("custom", 2, 64, 4)
 ADAPTER = Path(__file__).resolve().parents[2] / "examples" / "packed_esm2_adapter.py"
-
-
-@pytest.fixture
-def tiny():
-    model = build_random(TINY, seed=0)
-    return model, TINY, Weights("random", None, 0, fingerprint(model))
-
-
-def base(**kw):
-    return RunConfig(**{"weights": "random", "device": "cpu", "dtype": "bfloat16", **kw})
 
 
 def seqs():

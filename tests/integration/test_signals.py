@@ -15,7 +15,6 @@ import pytest
 
 from tests.conftest import BASE, run
 from tracer import bundle as bundle_cli
-from tracer import compare as compare_cli
 from tracer import experiments as experiments_cli
 from tracer import run as run_cli
 from tracer import sweep as sweep_cli

@@ -169,16 +169,10 @@ _DISPATCH = _Dispatch()
 
 
 class HfObserver(Observer):
-    """:class:`tracer.observe.Observer` over an HF ``EsmModel`` (module docstring)."""
+    """:class:`tracer.capture.observe.Observer` over an HF ``EsmModel`` (module docstring)."""
 
-    def _install_hooks(self) -> None:
-        for module, roles in hf_module_roles(self.model).values():
-            pre = [r for r in roles if r[0] == "pre"]
-            post = [r for r in roles if r[0] == "post"]
-            if pre:
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(pre)))
-            if post:
-                self._handles.append(module.register_forward_hook(self._post_hook(post)))
+    def _roles(self) -> dict:
+        return hf_module_roles(self.model)
 
     def _install_attention(self) -> None:
         self._attention_modules = attention_modules(self.model)

@@ -1,21 +1,7 @@
 """The forward hooks that record taps from fair-esm's padded forward and the built-in packed forward.
 
-A *tap* is one named tensor of the forward pass. Names are stable and dotted, and taps are
-matched across paths by name::
-
-    embed                     input to layer 0 (embedding, after scale and token-dropout rescale)
-    layers.{i}.q_rope         query after rotary embedding, as attention consumes it   (N, H, d)
-    layers.{i}.k_rope         key after rotary embedding                              (N, H, d)
-    layers.{i}.v              value                                                  (N, H, d)
-    layers.{i}.ctx            attention context, before out_proj                     (N, H, d)
-    layers.{i}.attn_out       attention block output, after out_proj                 (N, E)
-    layers.{i}.resid_mid      residual stream after the attention add                (N, E)
-    layers.{i}.ffn_out        feed-forward output (fc2)                              (N, E)
-    layers.{i}.resid_out      layer output                                           (N, E)
-    final_norm                final layer norm output (fair-esm's last representation) (N, E)
-
-``q_rope`` follows fair-esm's convention: q is multiplied by ``head_dim ** -0.5`` before the
-rotation, so the query is recorded exactly as the attention product consumes it.
+Tap names, sites and layouts are listed in :mod:`tracer.taps`; where each is read in fair-esm's
+modules, in :mod:`tracer.esm.sites`.
 
 Every tap is handed to the recorder **token-major in canonical order** (``(N, ...)``, sequences in
 input order, tokens 0..L+1 each; see :mod:`tracer.inputs.packing`), whatever layout the path uses

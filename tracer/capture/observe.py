@@ -279,8 +279,12 @@ class Observer:
     def _mine(self) -> bool:
         return getattr(_state, "observer", None) is self
 
+    def _roles(self) -> dict:
+        """``{id(module): (module, [(hook, role, layer)])}`` of the model observed (subclasses: other models)."""
+        return module_roles(self.model)
+
     def _install_hooks(self) -> None:
-        for module, roles in module_roles(self.model).values():
+        for module, roles in self._roles().values():
             pre = [r for r in roles if r[0] == "pre"]
             post = [r for r in roles if r[0] == "post"]
             if pre:
