@@ -7,12 +7,16 @@ download): ``esm2_t6_8M_UR50D`` (6 layers, 320 dims, 20 heads) unless a test say
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import pytest
 import torch
 
-from tracer.inputs.sequences import make_batch, motif_sequence
+from tracer.inputs.sequences import debug_batch, make_batch, motif_sequence
 from tracer.runner.config import RunConfig
 from tracer.runner.execute import trace
 
@@ -72,3 +76,52 @@ def one_line_error(capsys, main, argv, fragment, code=2):
     assert err[0].startswith("tracer: error: "), err
     assert fragment in err[0], err[0]
     return err[0]
+
+
+SIGNALS_TO_RESET = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def default_signals():
+    """``preexec_fn`` of a child: default dispositions, whatever the test runner's shell set
+    (a background job inherits SIG_IGN for SIGINT, nohup for SIGHUP)."""
+    for s in SIGNALS_TO_RESET:
+        signal.signal(s, signal.SIG_DFL)
+
+
+PAUSE_IN_TORCH = textwrap.dedent("""
+    import sys, time
+    class Pause:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch":
+                sys.meta_path.remove(self)
+                print("PAUSED IN IMPORT TORCH", file=sys.stderr, flush=True)
+                time.sleep(30)
+            return None
+    sys.meta_path.insert(0, Pause())
+""")
+"""A sitecustomize that pauses ``import torch`` and says so, so a signal lands mid-import."""
+
+
+def signal_while_torch_imports(tmp_path, module: str, sig: int) -> tuple[int, str]:
+    """Run ``python -m MODULE --help``, send ``sig`` while it imports torch; (return code, stderr)."""
+    (tmp_path / "sitecustomize.py").write_text(PAUSE_IN_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-m", module, "--help"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, env=env, preexec_fn=default_signals)
+    try:
+        assert p.stderr.readline().strip() == "PAUSED IN IMPORT TORCH"
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p.returncode, err
+
+
+@pytest.fixture(scope="session")
+def seed_pair(tmp_path_factory):
+    """Two small bfloat16 traces with a reference, of the same sequences, weights seeds 0 and 1."""
+    d = tmp_path_factory.mktemp("pair")
+    a = run(d, debug_batch(20), name="seed0.h5", dtype="bfloat16").path
+    b = run(d, debug_batch(20), name="seed1.h5", dtype="bfloat16", seed=1).path
+    return a, b

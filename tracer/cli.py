@@ -211,15 +211,8 @@ def parse_taps(text: str) -> tuple[str, ...]:
     return taps
 
 
-def seed(text: str) -> int:
-    """``--seed``: an integer ``torch.manual_seed`` accepts."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
-        raise argparse.ArgumentTypeError(f"{text} is out of range; seeds are integers from 0 to 2**64-1")
-    return value
+seed = bounded_int("--seed", *SEED_RANGE, "seeds torch.manual_seed accepts")
+"""``--seed``: an integer ``torch.manual_seed`` accepts."""
 
 
 def add_run_options(p: argparse.ArgumentParser, dtype_help: str = "dtype of both paths (default bfloat16)") -> None:

@@ -9,23 +9,12 @@ import random
 import shutil
 
 import h5py
-import pytest
 
-from tests.conftest import run
 from tracer import compare
 from tracer import plot as plot_cli
-from tracer.inputs.sequences import debug_batch
 
 CASES = 40
 KINDS = ("swap-in", "delete-dataset", "delete-group", "rename-pair", "record", "extra")
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fuzz")
-    a = run(d, debug_batch(20), name="a.h5", dtype="bfloat16").path
-    b = run(d, debug_batch(20), name="b.h5", dtype="bfloat16", seed=1).path
-    return a, b
 
 
 def _datasets(path) -> list[str]:
@@ -66,14 +55,14 @@ def _corrupt(x, other, kind: str, rng: random.Random, names: list[str]) -> str:
     return f"{kind} {name}"
 
 
-def test_fuzz_structural_corruption_is_always_a_one_line_refusal(pair, tmp_path, capsys):
+def test_fuzz_structural_corruption_is_always_a_one_line_refusal(seed_pair, tmp_path, capsys):
     rng = random.Random(20261201)
-    names = _datasets(pair[0])
-    assert names == _datasets(pair[1])
+    names = _datasets(seed_pair[0])
+    assert names == _datasets(seed_pair[1])
     x = tmp_path / "x.h5"
     for case in range(CASES):
-        shutil.copy(pair[0], x)
-        what = _corrupt(x, pair[1], KINDS[case % len(KINDS)], rng, names)
+        shutil.copy(seed_pair[0], x)
+        what = _corrupt(x, seed_pair[1], KINDS[case % len(KINDS)], rng, names)
         code = compare.main([str(x), "--json"])
         captured = capsys.readouterr()
         err = captured.err.strip().splitlines()

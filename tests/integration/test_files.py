@@ -9,13 +9,12 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 
 import h5py
 import pytest
 
-from tests.conftest import BASE, one_line_error, run
+from tests.conftest import BASE, default_signals, one_line_error, run, signal_while_torch_imports
 from tracer import bench as bench_cli
 from tracer import bundle as bundle_cli
 from tracer import plot as plot_cli
@@ -29,7 +28,6 @@ from tracer.inputs.packing import Layout
 from tracer.inputs.sequences import debug_batch
 from tracer.store.trace_file import TraceWriter, open_trace
 
-SIGNALS_TO_RESET = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 
@@ -41,11 +39,6 @@ def leftovers(folder):
 @pytest.fixture(scope="module")
 def trace_file(tmp_path_factory):
     return run(tmp_path_factory.mktemp("t"), debug_batch(30), dtype="bfloat16").path
-
-
-def _default_signals():
-    for s in SIGNALS_TO_RESET:  # whatever the test runner's shell set (nohup, background jobs)
-        signal.signal(s, signal.SIG_DFL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +171,7 @@ def test_parallel_runs_with_one_out(tmp_path):
     cmd = [sys.executable, "-m", "tracer.run", *BASE, "--seq-len", "30", "--out", str(out)]
     env = {**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              preexec_fn=_default_signals) for _ in range(2)]
+                              preexec_fn=default_signals) for _ in range(2)]
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
     codes = sorted(r[2] for r in results)
     assert codes == [0, 2], results
@@ -198,7 +191,7 @@ def _real_run(tmp_path, sig):
     out = tmp_path / "t.h5"
     cmd = [sys.executable, "-m", "tracer.run", "--model", "esm2_t12_35M_UR50D", "--weights", "random",
            "--device", "cpu", "--seq-len", "400", "--out", str(out)]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=default_signals)
     try:
         for line in p.stderr:  # wait until the forwards are under way (the partial file exists)
             if "packed path" in line:
@@ -224,28 +217,8 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path, sig):
 
 def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
     """A meta-path hook (sitecustomize) pauses ``import torch`` and says so; Ctrl-C lands there."""
-    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
-        import sys, time
-        class Pause:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch":
-                    sys.meta_path.remove(self)
-                    print("PAUSED IN IMPORT TORCH", file=sys.stderr, flush=True)
-                    time.sleep(30)
-                return None
-        sys.meta_path.insert(0, Pause())
-    """))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.Popen([sys.executable, "-m", "tracer.run", "--help"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, env=env, preexec_fn=_default_signals)
-    try:
-        assert p.stderr.readline().strip() == "PAUSED IN IMPORT TORCH"
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 130, err
+    code, err = signal_while_torch_imports(tmp_path, "tracer.run", signal.SIGINT)
+    assert code == 130, err
     assert err.strip() == "tracer: interrupted (no trace was written)", err
 
 

@@ -182,7 +182,7 @@ def test_nul_byte_in_a_fasta_header_is_one_line(tmp_path, capsys):
     (run_cli.build_parser().parse_args, ["--seq-len", "1" + "0" * 20], "--seq-len takes integers from 1 to 100,000"),
     (run_cli.build_parser().parse_args, ["--max-batch-tokens", "9" * 25], "--max-batch-tokens takes integers from 0"),
     (experiments_cli.build_parser().parse_args, ["--seq-len", "9" * 20], "--seq-len takes integers from 1 to 100,000"),
-    (experiments_cli.build_parser().parse_args, ["--seed", "9" * 30], "seeds are integers from 0 to 2**64-1"),
+    (experiments_cli.build_parser().parse_args, ["--seed", "9" * 30], "--seed takes integers from 0 to 18,446,744,073,709,551,615"),
 ], ids=["run-seq-len", "max-batch-tokens", "experiments-seq-len", "campaign-seed"])
 def test_huge_integers_are_one_line(capsys, parse, argv, fragment):
     usage_error(capsys, parse, argv, fragment)

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import BASE, run
+from tests.conftest import BASE, default_signals, run, signal_while_torch_imports
 from tracer import bundle as bundle_cli
 from tracer import experiments as experiments_cli
 from tracer import run as run_cli
@@ -22,11 +22,6 @@ from tracer.inputs.sequences import debug_batch
 from tracer.runner.interrupts import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _default_signals():
-    for s in SIGNALS:
-        signal.signal(s, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
@@ -50,33 +45,10 @@ def test_campaigns_exit_128_plus_the_signal(tmp_path, capsys, monkeypatch, tool,
     assert len(err) == 1 and err[0].startswith(f"tracer: {how}; finished ") and "rerun the same command to resume" in err[0], err
 
 
-PAUSE_IN_TORCH = textwrap.dedent("""
-    import sys, time
-    class Pause:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch":
-                sys.meta_path.remove(self)
-                print("PAUSED IN IMPORT TORCH", file=sys.stderr, flush=True)
-                time.sleep(30)
-            return None
-    sys.meta_path.insert(0, Pause())
-""")
-
-
 @pytest.mark.parametrize("tool", ["experiments", "sweep"])
 def test_campaigns_end_with_one_line_while_torch_imports(tmp_path, tool):
-    (tmp_path / "sitecustomize.py").write_text(PAUSE_IN_TORCH)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.Popen([sys.executable, "-m", f"tracer.{tool}", "--help"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, env=env, preexec_fn=_default_signals)
-    try:
-        assert p.stderr.readline().strip() == "PAUSED IN IMPORT TORCH"
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 143, err
+    code, err = signal_while_torch_imports(tmp_path, f"tracer.{tool}", signal.SIGTERM)
+    assert code == 143, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("tracer: stopped by SIGTERM ("), err
 
 
@@ -126,7 +98,7 @@ def test_no_signal_deaf_teardown_after_the_work_is_done(tmp_path, trace_file, to
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     argv = [str(trace_file)] if tool == "compare" else [*BASE, "--seq-len", "10", "--out", str(tmp_path / "t.h5")]
     p = subprocess.Popen([sys.executable, "-m", f"tracer.{tool}", *argv], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, env=env, preexec_fn=_default_signals)
+                         text=True, env=env, preexec_fn=default_signals)
     try:
         for line in p.stderr:
             if "TEARING DOWN" in line:  # reached only if the command left through the interpreter's exit
