@@ -62,7 +62,7 @@ def against_reference(pooled: dict[str, np.ndarray], ids: list[str]) -> dict[str
 
 def stored_against_reference(trace) -> dict[str, dict[str, float]]:
     """:func:`against_reference` from a trace's stored pooled embeddings."""
-    stored = {p: trace.embeddings(p) for p in trace.file.get("embeddings", {})}
+    stored = {p: trace.embeddings(p) for p in trace.embedding_paths()}
     return against_reference(stored, [s.id for s in trace.sequences])
 
 

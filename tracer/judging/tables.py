@@ -210,8 +210,8 @@ def recomputes(trace: Trace, recompute: bool = True) -> bool:
 
 def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) -> Summary:
     """Judge one trace (recomputing metrics from tensors when it has them), after checking that
-    its stored summary is what its stored metrics give (:func:`check_summary`) and reading its
-    pooled embeddings (checked).
+    its stored summary is what its stored metrics give (:func:`check_summary`); the judgement
+    reads every stored pooled embedding, each checked against its checksum.
 
     Every reader that reports from a trace (``compare``, ``plot``, ``bundle``, the campaigns'
     resume) goes through here, so each verifies as strictly as ``tracer.compare``.
@@ -222,8 +222,6 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
         table = recomputed_table(trace)
         cross_check(trace, table, stored)
     check_summary(trace, stored)
-    for path in ("unpacked", "packed", "reference"):  # small; read to check them (reports quote them)
-        trace.embeddings(path)
     has_ref = table.has("packed-vs-reference")
     rule = rule or default_rule(trace.meta["dtype"], has_ref)
     if rule.kind == "noise" and not has_ref:

@@ -469,9 +469,6 @@ class Trace:
         self.summary  # noqa: B018 -- checks the record's checksum
         return len(names)
 
-    def tap_dtype(self, path: str, name: str) -> str:
-        return _attr_str(self.file[f"taps/{path}/{name}"].attrs["dtype"])
-
     def sequence(self, key: str | int) -> SequenceInfo:
         if isinstance(key, int):
             return self.sequences[key]
@@ -483,6 +480,10 @@ class Trace:
     def token_slice(self, key: str | int) -> slice:
         """Canonical rows of one sequence's tokens (``<cls>``, residues, ``<eos>``)."""
         return self.sequence(key).rows
+
+    def embedding_paths(self) -> list[str]:
+        """The paths whose pooled embeddings the trace holds."""
+        return sorted(self.file["embeddings"].keys()) if "embeddings" in self.file else []
 
     def embeddings(self, path: str) -> np.ndarray | None:
         """Pooled final embeddings ``(S, E)`` float64 of ``path`` (:mod:`tracer.judging.embeddings`), or ``None``."""
