@@ -11,12 +11,13 @@ forward back into one canonical tap.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
 import torch
 
-from tracer.judging.metrics import from_sums, norms, round_to, token_sums
+from tracer.judging.metrics import METRICS, from_sums, norms, round_to, token_sums, work_dtype
 from tracer.judging.pairs import PAIRS
 from tracer.judging.verdict import ROUNDED
 from tracer.store.tap_writer import Ledger, nbytes
@@ -26,10 +27,16 @@ from tracer.store.tap_writer import Ledger, nbytes
 class Collector:
     """Receives taps path by path, computes pair metrics, forwards tensors to the writer.
 
-    Per-token sums (:func:`tracer.judging.metrics.token_sums`) are computed on the taps' device in
-    batches of up to :attr:`batch` taps of the same shape, a handful of fused kernels per batch
-    (the run is otherwise bound by kernel launches); the metrics are finished from the sums on
-    the CPU, for the whole table at once, by :meth:`table`.
+    Per-token sums (:func:`tracer.judging.metrics.token_sums`) are computed on the taps' device;
+    the metrics are finished from the sums on the CPU, for the whole table at once, by
+    :meth:`table`. When they are computed depends on what bounds the device:
+
+    * ``per_layer=False`` (a CPU: memory traffic): every :attr:`batch` ready pairs, each reduced
+      in place, so at most a part of a layer's reference taps is held;
+    * ``per_layer=True`` (a GPU: kernel launches): once per layer, when :meth:`flush` is called
+      after the layer's group (:mod:`tracer.capture.lockstep`). Each path's taps of the layer are
+      stacked and up-cast once, each operand's norms computed once, and each pair is then a
+      handful of kernels for all its taps (:meth:`_flush_stacked`), whatever the number of taps.
 
     Args:
         names: tap names being traced (walk order).
@@ -38,11 +45,15 @@ class Collector:
         writer: an :class:`AsyncTapWriter`, or ``None`` for ``--metrics-only``.
         keep: paths whose taps are kept after their metrics (needed by the local re-runs).
         ledger: counts the bytes held (default: the writer's, or a new one).
+        per_layer: compute pairs once per layer (above).
     """
 
     batch = 8
+    chunk_bytes = 64 << 20
+    """Per-layer mode: at most this much of one operand is stacked at once (one tap at least)."""
 
-    def __init__(self, names: list[str], paths: list[str], dtype: torch.dtype, writer=None, keep=frozenset(), ledger: Ledger | None = None):
+    def __init__(self, names: list[str], paths: list[str], dtype: torch.dtype, writer=None, keep=frozenset(),
+                 ledger: Ledger | None = None, per_layer: bool = False):
         self.ledger = ledger or (writer.ledger if writer is not None else Ledger())
         self.names = list(names)
         self.paths = list(paths)
@@ -54,6 +65,7 @@ class Collector:
         self.metrics: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # pair -> tap -> (5, N) sums
         self.pending: list[tuple[str, str]] = []  # (pair, tap) ready to compute
         self._norms: dict[tuple[str, str], torch.Tensor] = {}  # (path, tap) -> (N,) norms, CPU flushes only
+        self.per_layer = per_layer
 
     def recorder(self, path: str):
         """The ``record(name, tensor)`` callback for ``path``'s hooks."""
@@ -73,7 +85,7 @@ class Collector:
                 self.pending.append((pair, name))
         if path == "reference":
             self.pending.append((ROUNDED, name))
-        if len(self.pending) >= self.batch:
+        if not self.per_layer and len(self.pending) >= self.batch:
             self.flush()
 
     def _operands(self, pair: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,16 +96,16 @@ class Collector:
         return self.held[a][name], self.held[b][name]
 
     def flush(self) -> None:
-        """Compute every pending pair, then release what is done.
+        """Compute every pending pair, then release what is done (class docstring).
 
-        On a GPU the run is bound by kernel launches, so pairs of one shape and dtypes are
-        stacked and reduced together (a handful of kernels per batch). On a CPU it is bound by
-        memory traffic, so each pair is reduced in place, and each tap's norm is computed once
-        for all the pairs it is in (not stacked, not recomputed per pair).
+        Per pair in place (a CPU), each tap's norm computed once for all the pairs it is in; or
+        stacked per layer (a GPU, :meth:`_flush_stacked`).
         """
         pending, self.pending = self.pending, []
-        if pending and self._device(pending[0]).type != "cpu":
-            self._flush_batched(pending)
+        if not pending:
+            return
+        if self.per_layer:
+            self._flush_stacked(pending)
             return
         for pair, name in pending:
             a, b = self._operands(pair, name)
@@ -103,9 +115,6 @@ class Collector:
             self.metrics[pair][name] = token_sums(a, b, na, nb)  # (5, N)
             self._release(name)
 
-    def _device(self, item: tuple[str, str]) -> torch.device:
-        return self._operands(*item)[1].device
-
     def _norm(self, path: str, name: str, x: torch.Tensor) -> torch.Tensor:
         """``norms(x)`` of ``path``'s tap ``name``, computed once while the tap is held."""
         key = (path, name)
@@ -113,18 +122,45 @@ class Collector:
             self._norms[key] = norms(x)
         return self._norms[key]
 
-    def _flush_batched(self, pending: list[tuple[str, str]]) -> None:
-        groups: dict[tuple, list[tuple[str, str, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+    def _members(self, pair: str) -> tuple[str, str]:
+        """The two operands of ``pair``; the floor's first one is the reference rounded to the run dtype."""
+        return (ROUNDED, "reference") if pair == ROUNDED else self.pairs[pair]
+
+    def _flush_stacked(self, pending: list[tuple[str, str]]) -> None:
+        """Every pending pair of a layer in a few kernels: per operand one ``(K, N, F)`` stack in
+        the working dtype and its norms, shared by every pair it is in; per pair one
+        :func:`token_sums` over the stacks. Taps are taken in chunks of at most
+        :attr:`chunk_bytes` per operand (one tap at least), which bounds the workspace."""
+        by_pair: dict[tuple, list[str]] = defaultdict(list)  # (pair, (N, F)) -> taps
         for pair, name in pending:
-            a, b = self._operands(pair, name)
-            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)  # (N, F)
-            groups[(a.shape, a.dtype, b.dtype, a.device)].append((pair, name, a, b))
-        for items in groups.values():
-            out = token_sums(torch.stack([x[2] for x in items]), torch.stack([x[3] for x in items]))  # (K, 5, N)
-            for (pair, name, _, _), m in zip(items, out):
-                self.metrics[pair][name] = m
-            for _, name, _, _ in items:
-                self._release(name)
+            x = self.held["reference" if pair == ROUNDED else self.pairs[pair][1]][name]
+            by_pair[(pair, (x.shape[0], math.prod(x.shape[1:])))].append(name)
+        stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (operand, taps, dtype) -> (stack, norms)
+
+        def operand(side: str, chunk: tuple[str, ...], work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            key = (side, chunk, work)
+            if key not in stacks:
+                if side == ROUNDED:
+                    x = round_to(operand("reference", chunk, work)[0], self.dtype)
+                else:
+                    x = torch.stack([self.held[side][n].reshape(self.held[side][n].shape[0], -1) for n in chunk]).to(work)
+                stacks[key] = (x, torch.linalg.vector_norm(x, dim=-1))  # (K, N, F), (K, N)
+            return stacks[key]
+
+        for (pair, _), names in by_pair.items():
+            a, b = self._members(pair)
+            first = self.held["reference" if a == ROUNDED else a][names[0]]
+            work = work_dtype(first.dtype, self.held[b][names[0]].dtype)
+            per_tap = first.numel() * torch.empty((), dtype=work).element_size()
+            step = max(1, self.chunk_bytes // max(1, per_tap))
+            for i in range(0, len(names), step):
+                chunk = tuple(names[i:i + step])
+                (xa, na), (xb, nb) = operand(a, chunk, work), operand(b, chunk, work)
+                for name, sums in zip(chunk, token_sums(xa, xb, na, nb)):  # (K, 5, N)
+                    self.metrics[pair][name] = sums
+        stacks.clear()
+        for name in dict.fromkeys(name for _, name in pending):
+            self._release(name)
 
     def _release(self, name: str) -> None:
         """Drop every held tensor of ``name`` whose pairs are all computed."""
@@ -137,7 +173,11 @@ class Collector:
                 self._norms.pop((path, name), None)
 
     def table(self) -> dict[str, dict[str, np.ndarray]]:
-        """``{pair: {metric: (T, N) float32}}`` over :attr:`names` (rows of missing taps are NaN)."""
+        """``{pair: {metric: (T, N) float32}}`` over :attr:`names` (rows of missing taps are NaN).
+
+        Finished one pair at a time on the sums' device, in float64, and fetched in one transfer
+        per pair (on a GPU a float64 pass over ``(T, 5, N)`` is instant; on the host it took
+        tens of ms per pair for the 3B)."""
         self.flush()
         out = {}
         for pair, by_tap in self.metrics.items():
@@ -145,8 +185,10 @@ class Collector:
                 continue
             some = next(iter(by_tap.values()))
             nan = torch.full_like(some, torch.nan)
-            sums = torch.stack([by_tap.get(name, nan) for name in self.names]).cpu().double()  # (T, 5, N), one transfer
-            out[pair] = {m: v.float().numpy() for m, v in from_sums(sums).items()}
+            sums = torch.stack([by_tap.get(name, nan) for name in self.names]).double()  # (T, 5, N)
+            metrics = from_sums(sums)
+            values = torch.stack([metrics[m] for m in METRICS]).float().cpu().numpy()  # (3, T, N), one transfer
+            out[pair] = dict(zip(METRICS, values))
         return out
 
     def present(self) -> dict[str, np.ndarray]:

@@ -64,10 +64,11 @@ def token_metrics(a: torch.Tensor, b: torch.Tensor, na=None, nb=None, scratch=No
 def norms(x: torch.Tensor) -> torch.Tensor:
     """Per-token L2 norms of a tap, ``(N,)``, in its working dtype (float32 or float64)."""
     x = x.reshape(x.shape[0], -1)
-    return torch.linalg.vector_norm(x.to(_work(x.dtype)), dim=-1)
+    return torch.linalg.vector_norm(x.to(work_dtype(x.dtype)), dim=-1)
 
 
-def _work(*dtypes) -> torch.dtype:
+def work_dtype(*dtypes) -> torch.dtype:
+    """The dtype comparisons of taps in ``dtypes`` are computed in: float64 if any is, else float32."""
     return _F64 if _F64 in dtypes else torch.float32
 
 
@@ -79,7 +80,7 @@ def token_sums(a: torch.Tensor, b: torch.Tensor, na=None, nb=None, scratch=None)
     finishes the metrics, on the CPU, for a whole table at once. ``na``/``nb``: the sides'
     :func:`norms`, when the caller has them (a tap in several pairs needs them once).
     """
-    work = _work(a.dtype, b.dtype)
+    work = work_dtype(a.dtype, b.dtype)
     a, b = a.to(work), b.to(work)  # exact up-casts (mixed-dtype kernels run ~7x slower on a CPU)
     if scratch is None or scratch[0].dtype != work:
         d = a - b  # rounding below 2^-24 relative to the difference itself
@@ -89,7 +90,7 @@ def token_sums(a: torch.Tensor, b: torch.Tensor, na=None, nb=None, scratch=None)
     nd = torch.linalg.vector_norm(d, dim=-1)  # fused reductions, pairwise/tree sums
     na = torch.linalg.vector_norm(a, dim=-1) if na is None else na
     nb = torch.linalg.vector_norm(b, dim=-1) if nb is None else nb
-    mx = torch.maximum(d.amax(dim=-1), -d.amin(dim=-1)) if d.shape[-1] else torch.zeros_like(nd)
+    mx = torch.linalg.vector_norm(d, ord=torch.inf, dim=-1) if d.shape[-1] else torch.zeros_like(nd)  # max |d|, one kernel
     return torch.stack([nd, na, nb, db, mx], dim=-2)
 
 

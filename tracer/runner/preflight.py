@@ -8,14 +8,16 @@ low-precision paths and in the reference dtype for the reference.
 * **trace bytes**: the tensors (unless ``--metrics-only``) plus the metric tables
   (``(T, N)`` float32 per metric and pair).
 * **held taps**: the paths run in lockstep (:mod:`tracer.capture.lockstep`), so the taps held at once
-  are about one layer of every path (the low-precision paths' taps wait for the reference's,
-  which are let go as their pairs are computed), plus, for full traces, up to one more layer in
-  flight to the disk (``--local`` keeps every layer of unpacked and reference).
+  are about one layer of every path (on a GPU exactly that: a layer's pairs are computed once
+  the layer is done; on a CPU the low-precision paths' taps wait for the reference's, which are
+  let go as their pairs are computed), plus, for full traces, up to one more layer in flight to
+  the disk (``--local`` keeps every layer of unpacked and reference).
 * **workspace**: the largest single forward step: fair-esm's padded attention holds
   ``B x H x T x T`` scores (float32 softmax, 16-bit copies and the head-mean of the returned
   weights: 12 bytes per score in 16-bit runs, 8 in float32; measured on CPU),
   the feed-forward ``~12 x B x T x E`` values; the parked paths' residual streams; the packed
-  path's ``~12 x N x E``.
+  path's ``~12 x N x E``; on a GPU, a layer's pairs (a float32 stack of each operand, at most
+  64 MB or one tap, and two temporaries).
 * **metric sums**: every pair keeps five per-token sums per tap for the whole run (float32),
   and the table is finished from them in float64 at the end (:func:`metric_sums_bytes`); this
   grows with taps x tokens like a trace of its own, and dominates for thousands of sequences.
@@ -144,6 +146,7 @@ def estimate(
     control: bool = False,
 ) -> Estimate:
     """The :class:`Estimate` of one run (see the module docstring)."""
+    from tracer.capture.collector import Collector
     from tracer.capture.lockstep import tap_group
 
     n, e, h = sum(n_tokens), arch.embed_dim, arch.heads
@@ -165,9 +168,13 @@ def estimate(
     datasets = (0 if metrics_only else len(names) * len(path_bytes)) + pairs * len(METRICS)
     trace_bytes = tensors + metrics + 64 * len(n_tokens) + 2048 * datasets + (64 << 10)  # HDF5 headers, meta, summary
 
-    # a layer's low-precision taps wait for the reference; reference taps are let go as their
-    # pairs are computed (the collector computes every 8 pending pairs, 3 per reference tap)
-    if ref_dtype is not None:
+    # on a GPU the collector computes a layer's pairs once the layer is done: every path's taps
+    # of the layer are held (tracer.capture.collector). On a CPU a layer's low-precision taps
+    # wait for the reference, and reference taps are let go as their pairs are computed (every
+    # 8 pending pairs, 3 per reference tap).
+    if device == "cuda":
+        held = layer_tap_bytes
+    elif ref_dtype is not None:
         held = layer_taps * tap * (3 if control else 2) * b + -(-layer_taps // 2) * tap * rb
     else:
         held = layer_taps * tap * b + min(layer_taps, 8) * tap * b
@@ -191,6 +198,10 @@ def estimate(
             steps.append(12 * p * e * bb)
     steps.append(12 * n * e * b)  # packed forward (and the control's)
     parked = 2 * e * (plan.total_padded_tokens * (b + rb) + n * b * (2 if control else 1))  # residual streams of the waiting paths
+    if device == "cuda":  # a layer's pairs: per operand a float32 stack of <= 64 MB (one tap at least) and its difference
+        work = 8 if 8 in (b, rb) else 4
+        operands = (3 if control else 2) + 2  # the low-precision paths, the reference, the rounded reference
+        steps.append((operands + 2) * max(Collector.chunk_bytes, tap * work))  # + the difference and a product
     workspace = max(steps) + parked
 
     load = total * 4  # float32 as stored / as initialised
