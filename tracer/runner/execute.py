@@ -289,7 +289,7 @@ def _collector(run: _Run, names: list[str], async_writer) -> Collector:
     plan = run.plan
     sides = ["unpacked", "packed"] + (["control"] if plan.separate_control else []) + (["reference"] if plan.ref_dtype is not None else [])
     keep = {"unpacked", "reference"} if plan.config.local else set()
-    return Collector(names, sides, plan.dtype, async_writer, keep=keep, ledger=run.ledger)
+    return Collector(names, sides, plan.dtype, async_writer, keep=keep, ledger=run.ledger, per_layer=plan.device.type == "cuda")
 
 
 def _forwards(run: _Run, paths: list[TracedPath], names: list[str], collector: Collector):
@@ -383,9 +383,12 @@ def _lockstep(run: _Run, paths: list[TracedPath], names: list[str], collector: C
 
     groups = sorted({tap_group(n) for n in names})
     done = [0]
+    pairs_seconds = [0.0]
 
     def on_group(group: int) -> None:
+        t = time.perf_counter()
         collector.flush()
+        pairs_seconds[0] += time.perf_counter() - t
         done[0] += 1
         run.say.tick("forwards", done[0], len(groups), "layers")
 
@@ -399,7 +402,7 @@ def _lockstep(run: _Run, paths: list[TracedPath], names: list[str], collector: C
             run_lockstep(streams, groups, on_group, device=model.embed_tokens.weight.device)
         finally:
             run.say.tick_done()
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {"pairs": pairs_seconds[0]}  # host time launching the layers' pair metrics
     for s_ in streams:
         side = s_.name.split("[")[0]
         seconds[side] = seconds.get(side, 0.0) + s_.seconds
