@@ -40,7 +40,7 @@ from tracer.judging.metrics import METRICS, metrics_table, round_to, token_metri
 from tracer.esm.models import loaded_inv_freq
 from tracer.esm.packed_forward import PackedESM2
 from tracer.capture.paths import Batch
-from tracer.capture.hooks import unpacked_to_canonical, tap_unpacked
+from tracer.capture.hooks import padded_rows, tap_unpacked, unpacked_to_canonical
 from tracer.taps import tap_name
 from tracer.judging.verdict import CONTROL, PAIR, ROUNDED, VS_REF, MetricsTable, Rule, Summary, judge
 
@@ -129,7 +129,7 @@ def rope_probe(model, batch: Batch, backend: Backend, rope_mode: str, faults: Fa
         uq, uk = rot(q, k)  # fair-esm's own module, as its forward calls it
         device = q.device
         flat = lay.canonical_from_padded(batch.padded.shape[1]).to(device)
-        rows = (flat // batch.padded.shape[1], flat % batch.padded.shape[1])
+        rows = padded_rows(flat, batch.padded.shape[1], b)
 
         def canon(x):  # (B*H, T, d) -> canonical (N, H, d)
             return unpacked_to_canonical(x, "BHTd", b, heads, rows, True)

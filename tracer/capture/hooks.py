@@ -57,17 +57,25 @@ def _put(value, item, tensor):
     return tuple(value)
 
 
+def padded_rows(flat: torch.Tensor, padded_len: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(seq, pos, time_major)`` of every canonical token, from its row ``flat`` in the padded
+    ``(B, T)`` batch: batch index, position, and row in fair-esm's ``(T, B, E)`` layout flattened
+    (computed once per forward, not once per tap)."""
+    seq, pos = flat // padded_len, flat % padded_len
+    return seq, pos, pos * batch + seq
+
+
 def unpacked_to_canonical(x: torch.Tensor, layout: str, batch: int, heads: int, rows, per_head: bool):
     """fair-esm layout -> canonical ``(N, E)`` or ``(N, H, d)``: one gather, always a fresh tensor.
 
-    ``rows`` is ``(seq, pos)``: the batch index and position of every canonical token.
+    ``rows``: :func:`padded_rows` of the batch.
     """
-    seq, pos = rows
+    seq, pos, time_major = rows
     if layout == "BHTd":
         bh, t, d = x.shape  # (B*H, T, d)
         return x.view(batch, heads, t, d)[seq, :, pos, :]  # (N, H, d)
     t, b, e = x.shape  # (T, B, E), contiguous
-    x = x.reshape(t * b, e).index_select(0, pos * b + seq)  # (N, E)
+    x = x.reshape(t * b, e).index_select(0, time_major)  # (N, E)
     return x.view(-1, heads, e // heads) if per_head else x
 
 
@@ -120,7 +128,7 @@ def tap_unpacked(model, layout: Layout, padded_len: int, names: list[str], recor
     heads = model.attention_heads
     batch = len(layout.lengths)
     flat = layout.canonical_from_padded(padded_len).to(model.embed_tokens.weight.device)
-    index = (flat // padded_len, flat % padded_len)  # (batch index, position) of every canonical token
+    index = padded_rows(flat, padded_len, batch)
     groups: dict[tuple[int, str], list] = defaultdict(list)  # (id(module), kind) -> [(name, site)]
     modules = {}
     for name in names:
@@ -129,7 +137,7 @@ def tap_unpacked(model, layout: Layout, padded_len: int, names: list[str], recor
         module = spec.module(model, layer)
         key = (id(module), spec.hook)
         modules[key] = module
-        groups[key].append((name, spec, None))
+        groups[key].append((name, spec, site in HEAD_SITES))
     for p in perturbations:
         layer, site = parse_tap(p.tap)
         spec = _UNPACKED_SITES[site]
@@ -146,14 +154,13 @@ def tap_unpacked(model, layout: Layout, padded_len: int, names: list[str], recor
                 return None
             value = args[0] if kind == "pre" else args[1]
             changed = False
-            for name, spec, p in entries:
-                if p is not None:
-                    value = _put(value, spec.item, _perturbed_padded(_get(value, spec.item), spec.layout, batch, heads, p))
+            for name, spec, what in entries:  # what: the perturbation, or whether the tap is per head
+                if name is None:
+                    value = _put(value, spec.item, _perturbed_padded(_get(value, spec.item), spec.layout, batch, heads, what))
                     changed = True
                 else:
                     x = _get(value, spec.item).detach()
-                    layer, site = parse_tap(name)
-                    record(name, unpacked_to_canonical(x, spec.layout, batch, heads, index, site in HEAD_SITES))
+                    record(name, unpacked_to_canonical(x, spec.layout, batch, heads, index, what))
             return value if changed else None
 
         return hook

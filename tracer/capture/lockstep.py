@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ STOP_SECONDS = 5.0
 """How long an interrupted run waits for the other streams to reach a tap and stop."""
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def tap_group(name: str) -> int:
     """Group of a tap: ``-1`` for ``embed``, the layer index, or :data:`FINAL_GROUP`."""
     layer, site = parse_tap(name)
