@@ -36,6 +36,18 @@ def test_varlen_kernel_error_is_at_most_twice_the_plain_bf16_error(name):
     assert (kernel - ref).abs().max() <= 2 * (plain - ref).abs().max()
 
 
+def test_torch_varlen_backend_is_varlen_attn_to_the_bit():
+    """The backend calls the kernel under ``varlen_attn`` directly (no custom-op layer): same bits."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    backend = resolve("torch-varlen", CUDA, torch.bfloat16)
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 15, 177, 579], dtype=torch.int32, device=CUDA)
+    q, k, v = (torch.randn(579, 40, 64, device=CUDA, dtype=torch.bfloat16) for _ in range(3))
+    for scale in (None, 1.0, 0.125):
+        assert torch.equal(backend.attend(q, k, v, cu, 402, scale), varlen_attn(q, k, v, cu, cu, 402, 402, scale=scale)), scale
+
+
 def test_planted_faults_found_exactly_on_cuda():
     from tracer.selfcheck import run_checks
 

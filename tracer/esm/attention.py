@@ -10,8 +10,11 @@ Backends:
 
 * ``flash-attn`` -- ``flash_attn.flash_attn_varlen_func`` from the flash-attn package
   (CUDA, float16/bfloat16).
-* ``torch-varlen`` -- PyTorch's built-in FlashAttention-2 varlen kernel,
-  ``torch.nn.attention.varlen.varlen_attn`` (CUDA, float16/bfloat16).
+* ``torch-varlen`` -- PyTorch's built-in FlashAttention-2 varlen kernel (CUDA, float16/bfloat16),
+  ``torch.ops.aten._flash_attention_forward``: the kernel ``torch.nn.attention.varlen.varlen_attn``
+  runs, with the same output to the bit (``tests/integration/test_cuda.py``), called directly:
+  ``varlen_attn`` is a custom op, whose module imports ``torch._dynamo`` (about 1 s) and whose
+  every call adds a Python layer and a kernel.
 * ``math`` -- an exact implementation that runs anywhere, in any dtype: for each sequence,
   ``softmax(q k^T) v`` with the same numerics as fair-esm's own attention (scores and the
   output product in the model dtype, softmax in float32).
@@ -81,9 +84,8 @@ def math_attention(q, k, v, cu_seqlens, max_seqlen, scale):
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
-    from torch.nn.attention.varlen import varlen_attn
-
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+    # dropout 0, not causal, no debug mask: what varlen_attn passes (module docstring)
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False, scale=scale)[0]
 
 
 def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -104,11 +106,11 @@ def has_flash_attn() -> bool:
 
 
 def has_torch_varlen() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """PyTorch has the varlen FlashAttention-2 kernel (>= 2.10: ``varlen_attn`` exists), checked
+    without importing ``torch.nn.attention.varlen`` (module docstring)."""
+    import importlib.util
+
+    return hasattr(torch.ops.aten, "_flash_attention_forward") and importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
 BACKENDS = ("auto", "flash-attn", "torch-varlen", "math")
