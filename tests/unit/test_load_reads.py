@@ -88,3 +88,21 @@ def test_skeletons_and_deterministic_mode_import_no_compiler():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # torch._dynamo costs ~1 s of import on a CPU
+
+
+def test_a_traced_run_imports_no_compiler_nor_sympy(tmp_path):
+    """The reference's up-cast twin drops its layers to the meta device without ``to_empty``,
+    whose ``empty_like`` of meta tensors imported sympy (2 s of the first 3B run on the H200)."""
+    code = (
+        "import sys, torch\n"
+        "from tracer.esm.models import Architecture, Weights, build_random, fingerprint\n"
+        "from tracer.inputs.sequences import debug_batch\n"
+        "from tracer.runner.execute import RunConfig, trace\n"
+        "arch = Architecture('custom', 2, 64, 4); model = build_random(arch, 0)\n"
+        "loaded = (model, arch, Weights('random', None, 0, fingerprint(model)))\n"
+        f"config = RunConfig(model='esm2_t6_8M_UR50D', weights='random', device='cpu', metrics_only=True, out={str(tmp_path / 't.h5')!r})\n"
+        "trace(config, debug_batch(12), quiet=True, loaded=loaded)\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -160,6 +160,21 @@ def _set_rotary(layer, inv_freq: torch.Tensor) -> None:
     rot._seq_len_cached = rot._cos_cached = rot._sin_cached = None
 
 
+def to_meta(module: torch.nn.Module) -> None:
+    """Every tensor of ``module`` that holds data replaced by a meta tensor of its shape and dtype.
+
+    Not ``module.to_empty(device="meta")``: ``empty_like`` of a tensor already on the meta
+    device runs PyTorch's Python reference implementation, whose first call imports sympy (about
+    2 s on the H200 machine, once per process) and which costs ~1 ms per tensor after that."""
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is None or t.is_meta:
+                    continue
+                blank = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                table[name] = torch.nn.Parameter(blank, requires_grad=False) if isinstance(t, torch.nn.Parameter) else blank
+
+
 _TWINS: dict[tuple, ESM2] = {}
 """Reusable meta-device skeletons of :func:`upcast_twin`, by shape (one per shape, taken while in use)."""
 
@@ -219,7 +234,7 @@ def upcast_twin(model: ESM2, dtype: torch.dtype):
         def hook(module, args, output):
             inside[i] -= 1
             if inside[i] == 0:
-                module.to_empty(device="meta")
+                to_meta(module)
                 _set_rotary(module, module.self_attn.rot_emb.inv_freq)
 
         return hook
@@ -233,7 +248,7 @@ def upcast_twin(model: ESM2, dtype: torch.dtype):
     finally:
         for h in handles:
             h.remove()
-        twin.to_empty(device="meta")  # no data outlives the call
+        to_meta(twin)  # no data outlives the call
         reset_rotary_caches(twin)
         _TWINS[key] = twin  # the twin holds model.alphabet, so its id in the key stays valid
 
