@@ -306,7 +306,9 @@ def _forwards(run: _Run, paths: list[TracedPath], names: list[str], collector: C
         say(f"control path (sets the noise level): {_describe_control(plan.control)}")
     say(f"running the paths in lockstep, layer by layer{_describe_split(plan, batch)}")
     with run.clock("paths"):
+        t = time.perf_counter()
         seconds, outputs = _lockstep(run, paths, names, collector, pooled)
+        seconds["paths_host"] = time.perf_counter() - t  # launched; the rest of "paths" is the device finishing
     run.timings.update(seconds)
     if run.guard is not None:
         run.guard.check("forward")
