@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import os
 import subprocess
 import sys
 
@@ -26,9 +27,13 @@ class Counting:
     def __init__(self, f):
         self._f = f
 
-    def _count(self, n):
+    @staticmethod
+    def add(n):
         Counting.total += n or 0
         return n
+
+    def _count(self, n):
+        return Counting.add(n)
 
     def read(self, *a):
         data = self._f.read(*a)
@@ -66,13 +71,20 @@ def test_no_checkpoint_byte_is_read_twice(tmp_path, monkeypatch):
         f = real_open(file, *args, **kwargs)
         return Counting(f) if str(file) == str(path) else f
 
+    real_preadv = os.preadv
+
+    def counting_preadv(fd, buffers, offset, *args):
+        return Counting.add(real_preadv(fd, buffers, offset, *args))  # the tensor records' parallel reads
+
     monkeypatch.setattr(builtins, "open", counting_open)
     monkeypatch.setattr(io, "open", counting_open)  # zipfile opens through io.open
+    monkeypatch.setattr(os, "preadv", counting_preadv)
     Counting.total = 0
     model, _, _ = load_model(None, str(path))
     models.set_precision(model, torch.device("cpu"), torch.bfloat16)
-    # every byte goes through Python reads once (the load), plus the zip directory and the small
-    # records zipfile re-reads to check them; a separate CRC pass would read the file again
+    # every byte is read once (the tensor records by parallel preads, the rest through Python
+    # reads), plus the zip directory and the small records zipfile re-reads to check them; a
+    # separate CRC pass, or torch.load reading what was already read, would read it again
     assert size <= Counting.total < 1.05 * size, (Counting.total, size)
 
 
@@ -106,3 +118,32 @@ def test_a_traced_run_imports_no_compiler_nor_sympy(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_private_copy_reads_the_records_and_keeps_shared_storages(tmp_path, monkeypatch):
+    import pytest
+
+    from tracer.errors import TracerError
+    from tracer.esm import checkpoints
+    from tracer.esm.checkpoints import private_copy
+
+    base = torch.arange(12.0)
+    obj = {"model": {"a": base, "tied": base, "view": base[2:8].view(2, 3), "half": torch.ones(5, dtype=torch.float16), "empty": torch.zeros(0)}}
+    path = tmp_path / "c.pt"
+    torch.save(obj, path)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints, "_plain_load", None)  # the records are found by address, not loaded again
+        data = private_copy(path, torch.load(path, mmap=True))
+    m = data["model"]
+    for k, v in obj["model"].items():
+        assert torch.equal(m[k], v) and m[k].dtype == v.dtype, k
+    assert m["a"].untyped_storage().data_ptr() == m["tied"].untyped_storage().data_ptr() == m["view"].untyped_storage().data_ptr()
+    mapped = torch.load(path, mmap=True)
+    with monkeypatch.context() as m:  # the file ends while its records are read: a short read, one line
+        m.setattr(os, "preadv", lambda *a: 0)
+        with pytest.raises(TracerError, match=r"ended \d+ bytes early"):
+            private_copy(path, mapped)
+    with open(path, "r+b") as f:  # truncated after the structure was read: one line, and no SIGBUS from the map
+        f.truncate(path.stat().st_size // 3)
+    with pytest.raises(TracerError, match="damaged"):
+        private_copy(path, mapped)

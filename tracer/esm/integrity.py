@@ -103,23 +103,28 @@ def check_cache_record(record, state: dict[str, torch.Tensor], key: str) -> str 
     return None
 
 
-class _Unusual(Exception):
+class Unusual(Exception):
     """A sparse or meta tensor: refused by name when the model is built, not here."""
 
 
-def _storages(obj, out: dict) -> None:
+def storages_of(obj, out: dict) -> None:
     """Every distinct tensor storage reachable in a loaded checkpoint object."""
     if isinstance(obj, torch.Tensor):
         if obj.layout != torch.strided or obj.device.type == "meta":
-            raise _Unusual()
+            raise Unusual()
         s = obj.untyped_storage()
         out.setdefault(s._cdata, s)  # one entry per storage (empty ones share address 0)
     elif isinstance(obj, dict):
         for v in obj.values():
-            _storages(v, out)
+            storages_of(v, out)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            _storages(v, out)
+            storages_of(v, out)
+
+
+def is_data_record(name: str) -> bool:
+    """Whether a zip record of a torch checkpoint holds a tensor storage (``.../data/<n>``)."""
+    return _DATA_RECORD.search(name) is not None
 
 
 def check_zip_records(path, data) -> None:
@@ -140,8 +145,8 @@ def check_zip_records(path, data) -> None:
     expected = Counter((i.file_size, i.CRC) for i in members if _DATA_RECORD.search(i.filename))
     found: dict = {}
     try:
-        _storages(data, found)
-    except _Unusual:  # the model build refuses it with a line naming the tensor (sparse, meta)
+        storages_of(data, found)
+    except Unusual:  # the model build refuses it with a line naming the tensor (sparse, meta)
         return
     storages = list(found.values())
     got = Counter(zip((s.nbytes() for s in storages), crc32s([_storage_bytes(s) for s in storages])))
