@@ -175,6 +175,20 @@ def to_meta(module: torch.nn.Module) -> None:
                 table[name] = torch.nn.Parameter(blank, requires_grad=False) if isinstance(t, torch.nn.Parameter) else blank
 
 
+def _tensor_slots(twin_layer: torch.nn.Module, layer: torch.nn.Module) -> list[tuple[dict, str, torch.Tensor, torch.Tensor]]:
+    """``(table, name, meta tensor, source tensor)`` for every parameter and persistent buffer of
+    the twin's layer (its meta skeleton), matched by name with ``layer``'s (its state dict)."""
+    sources = layer.state_dict()
+    slots = []
+    for prefix, m in twin_layer.named_modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                key = f"{prefix}.{name}" if prefix else name
+                if t is not None and key in sources:
+                    slots.append((table, name, t, sources[key]))
+    return slots
+
+
 _TWINS: dict[tuple, ESM2] = {}
 """Reusable meta-device skeletons of :func:`upcast_twin`, by shape (one per shape, taken while in use)."""
 
@@ -218,12 +232,14 @@ def upcast_twin(model: ESM2, dtype: torch.dtype):
     inside = [0] * model.num_layers  # forwards inside each layer (sub-batches park mid-layer)
     rotary = rotary_on([loaded_inv_freq(layer.self_attn.rot_emb) for layer in model.layers], device, dtype)  # copied once
 
+    slots = [_tensor_slots(twin_layer, layer) for twin_layer, layer in zip(twin.layers, model.layers)]
+
     def materialise(i):
         def hook(module, args):
             if inside[i] == 0:
-                state = {k: v.to(dtype) for k, v in model.layers[i].state_dict().items()}
-                module.load_state_dict(state, assign=True)
-                module.requires_grad_(False)
+                for table, name, blank, source in slots[i]:  # what load_state_dict(assign=True) did, without its bookkeeping
+                    value = source.to(dtype)
+                    table[name] = torch.nn.Parameter(value, requires_grad=False) if isinstance(blank, torch.nn.Parameter) else value
                 # the loaded buffer cast to dtype, as set_precision does
                 _set_rotary(module, rotary[i])
             inside[i] += 1
@@ -234,7 +250,8 @@ def upcast_twin(model: ESM2, dtype: torch.dtype):
         def hook(module, args, output):
             inside[i] -= 1
             if inside[i] == 0:
-                to_meta(module)
+                for table, name, blank, _ in slots[i]:  # back to the skeleton's own meta tensors
+                    table[name] = blank
                 _set_rotary(module, module.self_attn.rot_emb.inv_freq)
 
         return hook
