@@ -129,7 +129,7 @@ def rope_probe(model, batch: Batch, backend: Backend, rope_mode: str, faults: Fa
         uq, uk = rot(q, k)  # fair-esm's own module, as its forward calls it
         device = q.device
         flat = lay.canonical_from_padded(batch.padded.shape[1]).to(device)
-        rows = padded_rows(flat, batch.padded.shape[1], b)
+        rows = padded_rows(flat, batch.padded.shape[1], b, heads)
 
         def canon(x):  # (B*H, T, d) -> canonical (N, H, d)
             return unpacked_to_canonical(x, "BHTd", b, heads, rows, True)

@@ -57,12 +57,15 @@ def _put(value, item, tensor):
     return tuple(value)
 
 
-def padded_rows(flat: torch.Tensor, padded_len: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(seq, pos, time_major)`` of every canonical token, from its row ``flat`` in the padded
-    ``(B, T)`` batch: batch index, position, and row in fair-esm's ``(T, B, E)`` layout flattened
-    (computed once per forward, not once per tap)."""
+def padded_rows(flat: torch.Tensor, padded_len: int, batch: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """Where every canonical token sits in fair-esm's layouts, from its row ``flat`` in the padded
+    ``(B, T)`` batch (computed once per forward, not once per tap): ``(seq, pos, time_major,
+    head_rows)``: batch index, position, row in ``(T, B, E)`` flattened, and the ``N x H`` rows
+    of its heads in ``(T, B*H, d)`` flattened (fair-esm's per-head tensors are transposed views
+    of that layout)."""
     seq, pos = flat // padded_len, flat % padded_len
-    return seq, pos, pos * batch + seq
+    head_rows = ((pos * (batch * heads) + seq * heads)[:, None] + torch.arange(heads, device=flat.device)[None, :]).reshape(-1)
+    return seq, pos, pos * batch + seq, head_rows
 
 
 def unpacked_to_canonical(x: torch.Tensor, layout: str, batch: int, heads: int, rows, per_head: bool):
@@ -70,9 +73,12 @@ def unpacked_to_canonical(x: torch.Tensor, layout: str, batch: int, heads: int, 
 
     ``rows``: :func:`padded_rows` of the batch.
     """
-    seq, pos, time_major = rows
+    seq, pos, time_major, head_rows = rows
     if layout == "BHTd":
         bh, t, d = x.shape  # (B*H, T, d)
+        time_first = x.transpose(0, 1)  # (T, B*H, d)
+        if time_first.is_contiguous():  # fair-esm's q/k/v/ctx: one index_select (cheaper to launch than advanced indexing)
+            return time_first.reshape(-1, d).index_select(0, head_rows).view(-1, heads, d)  # (N, H, d)
         return x.view(batch, heads, t, d)[seq, :, pos, :]  # (N, H, d)
     t, b, e = x.shape  # (T, B, E), contiguous
     x = x.reshape(t * b, e).index_select(0, time_major)  # (N, E)
@@ -128,7 +134,7 @@ def tap_unpacked(model, layout: Layout, padded_len: int, names: list[str], recor
     heads = model.attention_heads
     batch = len(layout.lengths)
     flat = layout.canonical_from_padded(padded_len).to(model.embed_tokens.weight.device)
-    index = padded_rows(flat, padded_len, batch)
+    index = padded_rows(flat, padded_len, batch, heads)
     groups: dict[tuple[int, str], list] = defaultdict(list)  # (id(module), kind) -> [(name, site)]
     modules = {}
     for name in names:
