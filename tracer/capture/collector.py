@@ -88,12 +88,14 @@ class Collector:
         if not self.per_layer and len(self.pending) >= self.batch:
             self.flush()
 
+    def _members(self, pair: str) -> tuple[str, str]:
+        """The two operands of ``pair``; the floor's first one is the reference rounded to the run dtype."""
+        return (ROUNDED, "reference") if pair == ROUNDED else self.pairs[pair]
+
     def _operands(self, pair: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if pair == ROUNDED:
-            ref = self.held["reference"][name]
-            return round_to(ref, self.dtype), ref
-        a, b = self.pairs[pair]
-        return self.held[a][name], self.held[b][name]
+        a, b = self._members(pair)
+        ref = self.held[b][name]
+        return (round_to(ref, self.dtype) if a == ROUNDED else self.held[a][name]), ref
 
     def flush(self) -> None:
         """Compute every pending pair, then release what is done (class docstring).
@@ -110,8 +112,9 @@ class Collector:
         for pair, name in pending:
             a, b = self._operands(pair, name)
             a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)  # (N, F)
-            na = norms(a) if pair == ROUNDED else self._norm(self.pairs[pair][0], name, a)
-            nb = self._norm("reference" if pair == ROUNDED else self.pairs[pair][1], name, b)
+            side_a, side_b = self._members(pair)
+            na = norms(a) if side_a == ROUNDED else self._norm(side_a, name, a)
+            nb = self._norm(side_b, name, b)
             self.metrics[pair][name] = token_sums(a, b, na, nb)  # (5, N)
             self._release(name)
 
@@ -122,10 +125,6 @@ class Collector:
             self._norms[key] = norms(x)
         return self._norms[key]
 
-    def _members(self, pair: str) -> tuple[str, str]:
-        """The two operands of ``pair``; the floor's first one is the reference rounded to the run dtype."""
-        return (ROUNDED, "reference") if pair == ROUNDED else self.pairs[pair]
-
     def _flush_stacked(self, pending: list[tuple[str, str]]) -> None:
         """Every pending pair of a layer in a few kernels: per operand one ``(K, N, F)`` stack in
         the working dtype and its norms, shared by every pair it is in; per pair one
@@ -133,7 +132,7 @@ class Collector:
         :attr:`chunk_bytes` per operand (one tap at least), which bounds the workspace."""
         by_pair: dict[tuple, list[str]] = defaultdict(list)  # (pair, (N, F)) -> taps
         for pair, name in pending:
-            x = self.held["reference" if pair == ROUNDED else self.pairs[pair][1]][name]
+            x = self.held[self._members(pair)[1]][name]  # the second operand is always a path's own tap
             by_pair[(pair, (x.shape[0], math.prod(x.shape[1:])))].append(name)
         stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (operand, taps, dtype) -> (stack, norms)
 
@@ -149,16 +148,14 @@ class Collector:
 
         for (pair, _), names in by_pair.items():
             a, b = self._members(pair)
-            first = self.held["reference" if a == ROUNDED else a][names[0]]
-            work = work_dtype(first.dtype, self.held[b][names[0]].dtype)
-            per_tap = first.numel() * torch.empty((), dtype=work).element_size()
-            step = max(1, self.chunk_bytes // max(1, per_tap))
+            xb = self.held[b][names[0]]
+            work = work_dtype(xb.dtype if a == ROUNDED else self.held[a][names[0]].dtype, xb.dtype)
+            step = max(1, self.chunk_bytes // max(1, xb.numel() * work.itemsize))
             for i in range(0, len(names), step):
                 chunk = tuple(names[i:i + step])
                 (xa, na), (xb, nb) = operand(a, chunk, work), operand(b, chunk, work)
                 for name, sums in zip(chunk, token_sums(xa, xb, na, nb)):  # (K, 5, N)
                     self.metrics[pair][name] = sums
-        stacks.clear()
         for name in dict.fromkeys(name for _, name in pending):
             self._release(name)
 
