@@ -152,7 +152,7 @@ def _swap_storages(obj, copies: dict):
         return torch.empty(0, dtype=obj.dtype).set_(copies[s._cdata], obj.storage_offset(), obj.shape, obj.stride())
     if isinstance(obj, dict):
         return type(obj)((k, _swap_storages(v, copies)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+    if type(obj) in (list, tuple):  # not a namedtuple: it is rebuilt by field, not from one iterable
         return type(obj)(_swap_storages(v, copies) for v in obj)
     return obj
 
