@@ -17,12 +17,9 @@ matched across paths by name::
 ``q_rope`` follows fair-esm's convention: q is multiplied by ``head_dim ** -0.5`` before the
 rotation, so the query is recorded exactly as the attention product consumes it.
 
-Every tap is handed to the recorder **token-major in canonical order** (``(N, ...)``, sequences in
-input order, tokens 0..L+1 each; see :mod:`tracer.inputs.packing`), whatever layout the path uses
-inside: fair-esm's ``(T, B, E)`` and ``(B*H, T, d)``, or the packed ``(N, H, d)``. A tap records
-``x.detach()`` and returns nothing, so it never changes the forward. Hooks live inside a context
-manager and are removed in ``finally``. The paths of a run share fair-esm's modules and run in
-lockstep threads (:mod:`tracer.capture.lockstep`), so a hook acts only in the thread that installed it.
+``N`` is the batch's tokens in canonical order (sequences in input order, tokens 0..L+1 each;
+:mod:`tracer.inputs.packing`), whatever layout a path uses inside; how the hooks deliver taps in
+that layout is :mod:`tracer.capture.hooks`.
 """
 
 from __future__ import annotations
