@@ -24,6 +24,13 @@ from tracer.store.tap_writer import Ledger, nbytes
 
 
 
+def per_layer_on(device_type: str) -> bool:
+    """Whether the collector computes pairs once per layer on this device type (a GPU, bound by
+    kernel launches) rather than as they become ready (a CPU, bound by memory traffic); the
+    pre-flight's held-tap estimate follows the same rule."""
+    return device_type == "cuda"
+
+
 class Collector:
     """Receives taps path by path, computes pair metrics, forwards tensors to the writer.
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tracer.capture import isolation
-from tracer.capture.collector import Assembler, Collector
+from tracer.capture.collector import Assembler, Collector, per_layer_on
 from tracer.capture.control import Control
 from tracer.capture.lockstep import Stream, run_lockstep, tap_group
 from tracer.capture.observe import missing_advice
@@ -289,7 +289,7 @@ def _collector(run: _Run, names: list[str], async_writer) -> Collector:
     plan = run.plan
     sides = ["unpacked", "packed"] + (["control"] if plan.separate_control else []) + (["reference"] if plan.ref_dtype is not None else [])
     keep = {"unpacked", "reference"} if plan.config.local else set()
-    return Collector(names, sides, plan.dtype, async_writer, keep=keep, ledger=run.ledger, per_layer=plan.device.type == "cuda")
+    return Collector(names, sides, plan.dtype, async_writer, keep=keep, ledger=run.ledger, per_layer=per_layer_on(plan.device.type))
 
 
 def _forwards(run: _Run, paths: list[TracedPath], names: list[str], collector: Collector):

@@ -146,7 +146,7 @@ def estimate(
     control: bool = False,
 ) -> Estimate:
     """The :class:`Estimate` of one run (see the module docstring)."""
-    from tracer.capture.collector import Collector
+    from tracer.capture.collector import Collector, per_layer_on
     from tracer.capture.lockstep import tap_group
 
     n, e, h = sum(n_tokens), arch.embed_dim, arch.heads
@@ -172,7 +172,7 @@ def estimate(
     # of the layer are held (tracer.capture.collector). On a CPU a layer's low-precision taps
     # wait for the reference, and reference taps are let go as their pairs are computed (every
     # 8 pending pairs, 3 per reference tap).
-    if device == "cuda":
+    if per_layer_on(device):
         held = layer_tap_bytes
     elif ref_dtype is not None:
         held = layer_taps * tap * (3 if control else 2) * b + -(-layer_taps // 2) * tap * rb
@@ -198,7 +198,7 @@ def estimate(
             steps.append(12 * p * e * bb)
     steps.append(12 * n * e * b)  # packed forward (and the control's)
     parked = 2 * e * (plan.total_padded_tokens * (b + rb) + n * b * (2 if control else 1))  # residual streams of the waiting paths
-    if device == "cuda":  # a layer's pairs: per operand a float32 stack of <= 64 MB (one tap at least) and its difference
+    if per_layer_on(device):  # a layer's pairs: per operand a float32 stack of <= 64 MB (one tap at least) and its difference
         work = 8 if 8 in (b, rb) else 4
         operands = (3 if control else 2) + 2  # the low-precision paths, the reference, the rounded reference
         steps.append((operands + 2) * max(Collector.chunk_bytes, tap * work))  # + the difference and a product
