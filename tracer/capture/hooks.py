@@ -61,8 +61,8 @@ def padded_rows(flat: torch.Tensor, padded_len: int, batch: int, heads: int) -> 
     """Where every canonical token sits in fair-esm's layouts, from its row ``flat`` in the padded
     ``(B, T)`` batch (computed once per forward, not once per tap): ``(seq, pos, time_major,
     head_rows)``: batch index, position, row in ``(T, B, E)`` flattened, and the ``N x H`` rows
-    of its heads in ``(T, B*H, d)`` flattened (fair-esm's per-head tensors are transposed views
-    of that layout)."""
+    of its heads in ``(T, B*H, d)`` flattened (fair-esm's rotated q and k are transposed views of
+    that layout)."""
     seq, pos = flat // padded_len, flat % padded_len
     head_rows = ((pos * (batch * heads) + seq * heads)[:, None] + torch.arange(heads, device=flat.device)[None, :]).reshape(-1)
     return seq, pos, pos * batch + seq, head_rows
@@ -77,7 +77,7 @@ def unpacked_to_canonical(x: torch.Tensor, layout: str, batch: int, heads: int, 
     if layout == "BHTd":
         bh, t, d = x.shape  # (B*H, T, d)
         time_first = x.transpose(0, 1)  # (T, B*H, d)
-        if time_first.is_contiguous():  # fair-esm's q/k/v/ctx: one index_select (cheaper to launch than advanced indexing)
+        if time_first.is_contiguous():  # fair-esm's rotated q and k: one index_select (cheaper to launch than advanced indexing)
             return time_first.reshape(-1, d).index_select(0, head_rows).view(-1, heads, d)  # (N, H, d)
         return x.view(batch, heads, t, d)[seq, :, pos, :]  # (N, H, d)
     t, b, e = x.shape  # (T, B, E), contiguous
