@@ -69,6 +69,10 @@ class Collector:
         self.keep = set(keep)
         self.held: dict[str, dict[str, torch.Tensor]] = {p: {} for p in paths}
         self.pairs = {k: v for k, v in PAIRS.items() if set(v) <= set(paths)}
+        self.all_pairs = {**self.pairs, **({ROUNDED: (ROUNDED, "reference")} if "reference" in paths else {})}
+        """Every pair computed, with its operands: the floor's first one is the reference rounded to the run dtype."""
+        self.pairs_of = {path: [pair for pair, members in self.all_pairs.items() if path in members] for path in paths}
+        """The pairs each path's taps take part in (a tap is let go once they are all computed)."""
         self.metrics: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # pair -> tap -> (5, N) sums
         self.pending: list[tuple[str, str]] = []  # (pair, tap) ready to compute
         self._norms: dict[tuple[str, str], torch.Tensor] = {}  # (path, tap) -> (N,) norms, CPU flushes only
@@ -87,20 +91,15 @@ class Collector:
             self.writer.submit(path, name, tensor)
         self.held[path][name] = tensor
         self.ledger.add(nbytes(tensor))
-        for pair, (a, b) in self.pairs.items():
-            if path in (a, b) and name in self.held[a] and name in self.held[b]:
+        for pair in self.pairs_of[path]:
+            a, b = self.all_pairs[pair]
+            if all(side == ROUNDED or name in self.held[side] for side in (a, b)):
                 self.pending.append((pair, name))
-        if path == "reference":
-            self.pending.append((ROUNDED, name))
         if not self.per_layer and len(self.pending) >= self.batch:
             self.flush()
 
-    def _members(self, pair: str) -> tuple[str, str]:
-        """The two operands of ``pair``; the floor's first one is the reference rounded to the run dtype."""
-        return (ROUNDED, "reference") if pair == ROUNDED else self.pairs[pair]
-
     def _operands(self, pair: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self._members(pair)
+        a, b = self.all_pairs[pair]
         ref = self.held[b][name]
         return (round_to(ref, self.dtype) if a == ROUNDED else self.held[a][name]), ref
 
@@ -119,7 +118,7 @@ class Collector:
         for pair, name in pending:
             a, b = self._operands(pair, name)
             a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)  # (N, F)
-            side_a, side_b = self._members(pair)
+            side_a, side_b = self.all_pairs[pair]
             na = norms(a) if side_a == ROUNDED else self._norm(side_a, name, a)
             nb = self._norm(side_b, name, b)
             self.metrics[pair][name] = token_sums(a, b, na, nb)  # (5, N)
@@ -139,7 +138,7 @@ class Collector:
         :attr:`chunk_bytes` per operand (one tap at least), which bounds the workspace."""
         by_pair: dict[tuple, list[str]] = defaultdict(list)  # (pair, (N, F)) -> taps
         for pair, name in pending:
-            x = self.held[self._members(pair)[1]][name]  # the second operand is always a path's own tap
+            x = self.held[self.all_pairs[pair][1]][name]  # the second operand is always a path's own tap
             by_pair[(pair, (x.shape[0], math.prod(x.shape[1:])))].append(name)
         stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (operand, taps, dtype) -> (stack, norms)
 
@@ -154,7 +153,7 @@ class Collector:
             return stacks[key]
 
         for (pair, _), names in by_pair.items():
-            a, b = self._members(pair)
+            a, b = self.all_pairs[pair]
             xb = self.held[b][names[0]]
             work = work_dtype(xb.dtype if a == ROUNDED else self.held[a][names[0]].dtype, xb.dtype)
             step = max(1, self.chunk_bytes // max(1, xb.numel() * work.itemsize))
@@ -169,10 +168,7 @@ class Collector:
     def _release(self, name: str) -> None:
         """Drop every held tensor of ``name`` whose pairs are all computed."""
         for path in self.paths:
-            pairs = [pair for pair, members in self.pairs.items() if path in members]
-            if path == "reference":
-                pairs.append(ROUNDED)
-            if path not in self.keep and name in self.held[path] and all(name in self.metrics[pair] for pair in pairs):
+            if path not in self.keep and name in self.held[path] and all(name in self.metrics[pair] for pair in self.pairs_of[path]):
                 self.ledger.sub(nbytes(self.held[path].pop(name)))
                 self._norms.pop((path, name), None)
 
