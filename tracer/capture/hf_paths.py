@@ -196,7 +196,6 @@ class HfObserver(Observer):
 
         self.attention_calls += 1
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-        self.scales[layer] = scale
         q, k, v = (self._from_sdpa(x) for x in (query, key, value))
         self._offer(tap_name(layer, "q_rope"), "attention", _scaled(q, scale))
         self._offer(tap_name(layer, "k_rope"), "attention", k)

@@ -52,8 +52,9 @@ import torch
 
 from tracer.errors import TracerError
 from tracer.esm import integrity
+from tracer.esm.precision import ROTARY_CACHES
 
-_CACHES = {"_seq_len_cached", "_cos_cached", "_sin_cached"}
+_CACHES = frozenset(ROTARY_CACHES)
 """fair-esm's rotary cos/sin tables: rebuilt by every forward (tracer clears them per run)."""
 _CHANGED = "_tracer_changed_by_plugin"
 _TOOL_MODULES = ("tracer.esm.packed_forward", "tracer.esm.attention", "tracer.esm.models", "tracer.capture.hooks")
@@ -328,13 +329,11 @@ class Guard:
         t = time.perf_counter()
         self.model, self.who = model, who
         self.before = Fingerprint.take(model)
-        self.checks = 1
         self.seconds = time.perf_counter() - t
 
     def check(self, stage: str, who: str | None = None) -> None:
         """Refuse (one line) if anything changed since the guard was made; ``stage``: ``factory`` / ``forward``."""
         t = time.perf_counter()
-        self.checks += 1
         changed = self.before.changes(Fingerprint.take(self.model))
         self.seconds += time.perf_counter() - t
         if not changed:

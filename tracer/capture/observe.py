@@ -249,16 +249,13 @@ class Observer:
         self.current_layer: int | None = None
         self.unattributed_attention = 0
         self.attention_calls = 0
-        self.scales: dict[int, float] = {}
         self._handles = []
         self._patch = _Patch()
-        self._thread = None
 
     # -- context ------------------------------------------------------------------------------
     def __enter__(self) -> "Observer":
         if getattr(_state, "observer", None) is not None:
             raise RuntimeError("an Observer is already active in this thread")
-        self._thread = threading.get_ident()
         _state.observer = self
         try:
             self._install_hooks()
@@ -360,7 +357,6 @@ class Observer:
         scale = a.get(scale_arg)
         d = q.shape[-1]
         scale = d**-0.5 if scale is None else float(scale)
-        self.scales[layer] = scale
         if kind == "sdpa":
             q, k, v = (self._from_sdpa(x) for x in (q, k, v))
         self._offer(tap_name(layer, "q_rope"), "attention", _scaled(q, scale))
