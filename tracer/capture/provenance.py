@@ -20,7 +20,8 @@ import importlib.util
 import inspect
 from pathlib import Path
 
-BUILTIN = {"packed": "builtin", "unpacked": "fair-esm"}
+from tracer.capture.plugin import BUILTIN
+
 SHIPPED = ("hf",)
 """Side specs that name code shipped with tracer or its dependencies, not a user's file."""
 
