@@ -29,6 +29,7 @@ import torch
 
 from tracer.errors import TracerError
 from tracer.esm.models import loaded_inv_freq
+from tracer.esm.precision import clear_rotary_cache
 
 STATES = {
     "as-loaded": "the model as the run has it",
@@ -62,7 +63,7 @@ def plugin_view(model, state: str = "as-loaded"):
         rot = layer.self_attn.rot_emb
         new_rot = _own(rot)
         new_rot._buffers["inv_freq"] = loaded_inv_freq(rot).to(device=rot.inv_freq.device, dtype=torch.float32)
-        new_rot._seq_len_cached, new_rot._cos_cached, new_rot._sin_cached = None, None, None  # rebuilt from the new buffer
+        clear_rotary_cache(new_rot)  # rebuilt from the new buffer
         attn = _own(layer.self_attn)
         attn._modules["rot_emb"] = new_rot
         new_layer = _own(layer)

@@ -59,13 +59,21 @@ def canonical_inv_freq(dim: int) -> torch.Tensor:
     return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
+ROTARY_CACHES = ("_seq_len_cached", "_cos_cached", "_sin_cached")
+"""fair-esm's rotary cos/sin tables and the length they were built for (keyed on length and
+device, not dtype): derived state, rebuilt on the next forward once cleared."""
+
+
+def clear_rotary_cache(rot) -> None:
+    """Drop one ``RotaryEmbedding``'s cached tables (:data:`ROTARY_CACHES`)."""
+    for name in ROTARY_CACHES:
+        setattr(rot, name, None)
+
+
 def reset_rotary_caches(model: ESM2) -> None:
-    """Drop fair-esm's cos/sin tables (keyed on length and device, not dtype)."""
+    """Drop every layer's fair-esm cos/sin tables."""
     for layer in model.layers:
-        rot = layer.self_attn.rot_emb
-        rot._seq_len_cached = None
-        rot._cos_cached = None
-        rot._sin_cached = None
+        clear_rotary_cache(layer.self_attn.rot_emb)
 
 
 def set_precision(model: ESM2, device: torch.device, dtype: torch.dtype, progress=None) -> None:
@@ -157,7 +165,7 @@ def _set_rotary(layer, inv_freq: torch.Tensor) -> None:
     """One layer's rotary ``inv_freq``, and its cos/sin caches cleared."""
     rot = layer.self_attn.rot_emb
     rot.inv_freq = inv_freq
-    rot._seq_len_cached = rot._cos_cached = rot._sin_cached = None
+    clear_rotary_cache(rot)
 
 
 def to_meta(module: torch.nn.Module) -> None:
