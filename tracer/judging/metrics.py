@@ -52,8 +52,8 @@ def token_metrics(a: torch.Tensor, b: torch.Tensor, na=None, nb=None, scratch=No
     """All three metrics at once for ``(N, ...)`` taps: ``{name: (N,) float64}``.
 
     ``na``/``nb`` optionally pass each side's :func:`norms`, when one tap takes part in several
-    pairs; ``scratch`` optionally passes two ``(N, F)`` tensors of the working dtype to hold
-    intermediates (a streaming loop then allocates nothing).
+    pairs; ``scratch`` optionally passes an ``(N, F)`` tensor of the working dtype to hold the
+    difference (a streaming loop then allocates nothing of that size).
     """
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -82,10 +82,10 @@ def token_sums(a: torch.Tensor, b: torch.Tensor, na=None, nb=None, scratch=None)
     """
     work = work_dtype(a.dtype, b.dtype)
     a, b = a.to(work), b.to(work)  # exact up-casts (mixed-dtype kernels run ~7x slower on a CPU)
-    if scratch is None or scratch[0].dtype != work:
+    if scratch is None or scratch.dtype != work:
         d = a - b  # rounding below 2^-24 relative to the difference itself
     else:
-        d = torch.sub(a, b, out=scratch[0])
+        d = torch.sub(a, b, out=scratch)
     db = torch.linalg.vecdot(d, b)  # (d * b).sum(-1) without the (N, F) product
     nd = torch.linalg.vector_norm(d, dim=-1)  # fused reductions, pairwise/tree sums
     na = torch.linalg.vector_norm(a, dim=-1) if na is None else na

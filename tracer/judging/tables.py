@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,8 +22,9 @@ import torch
 from tracer.env import resolve_dtype, return_freed_memory
 from tracer.errors import TracerError
 from tracer.judging.embeddings import stored_against_reference
-from tracer.judging.metrics import METRICS, metrics_table, norms, token_metrics
+from tracer.judging.metrics import METRICS, metrics_table, norms, token_metrics, work_dtype
 from tracer.judging.consistency import stored_rule, summary_disagreement
+from tracer.store.binding import bound_checksum
 from tracer.store.trace_file import Trace, checksum_failure, from_numpy
 from tracer.judging.pairs import batch_description, control_pairs, default_rule, summary_context
 from tracer.judging.verdict import CONTROL, PAIR, ROUNDED, MetricsTable, Rule, Summary, judge
@@ -124,7 +124,7 @@ class _Reader:
         else:
             with self.lock:
                 self.trace.file[st.key].read_direct(raw)
-        if zlib.crc32(raw.reshape(-1).view(np.uint8), st.seed) != st.crc32:
+        if bound_checksum(raw, st.seed) != st.crc32:
             raise TracerError(checksum_failure(st.path, st.key))
         return from_numpy(raw, st.dtype).reshape(st.shape[0], -1)
 
@@ -134,7 +134,7 @@ def _tap_metrics(reader: _Reader, stored: dict[str, _Stored], pairs: dict, run_d
     up = {}
     for p, st in stored.items():
         raw = reader.read(st, w, p)
-        work = torch.float64 if raw.dtype == torch.float64 else torch.float32
+        work = work_dtype(raw.dtype)
         up[p] = raw if raw.dtype == work else w.tensor(("up", p), raw.shape, work).copy_(raw)
         if p == "reference":  # the reference rounded to the run dtype, and back
             low = w.tensor("low", raw.shape, run_dtype).copy_(raw)
@@ -143,8 +143,7 @@ def _tap_metrics(reader: _Reader, stored: dict[str, _Stored], pairs: dict, run_d
     out = {}
     for pair, (a, b) in pairs.items():
         x = up[a]
-        scratch = (w.tensor("d", x.shape, x.dtype), w.tensor("db", x.shape, x.dtype))
-        m = token_metrics(x, up[b], size[a], size[b], scratch)
+        m = token_metrics(x, up[b], size[a], size[b], w.tensor("d", x.shape, x.dtype))
         out[pair] = np.stack([m[k].float().numpy() for k in METRICS])
     return out
 
