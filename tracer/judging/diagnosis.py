@@ -537,6 +537,7 @@ def _clean(ev: dict) -> dict:
 
 
 def _num(x):
+    """A number for JSON: 6 significant digits; NaN and Inf (and ``None``) are ``None``."""
     if x is None:
         return None
     x = float(x)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tracer.judging.diagnosis import Diagnoses
+from tracer.judging.diagnosis import Diagnoses, _num
 from tracer.judging.rule import Rule
 from tracer.taps import EMBED, FINAL, parse_tap, walk_key
 
@@ -340,12 +340,6 @@ def _fields(cls) -> list[str]:
 _TAPSTATS_JSON = tuple(f for f in _fields(TapStats) if f not in ("name", "layer", "tap"))
 """The fields of :meth:`TapStats.to_json` (the name is the key it is stored under)."""
 
-
-def _num(x):
-    if x is None:
-        return None
-    x = float(x)
-    return float(f"{x:.6g}") if np.isfinite(x) else None
 
 
 def _fmt(x) -> str:
