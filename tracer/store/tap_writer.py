@@ -150,7 +150,7 @@ class AsyncTapWriter:
                     self.writer.write_tap(path, name, host, crc)
                     self.stats["write_seconds"] += time.perf_counter() - t0
                     self.stats["taps"] += 1
-                    self.stats["bytes"] += host.numel() * host.element_size()
+                    self.stats["bytes"] += nbytes(host)
             except BaseException as e:
                 self.error = e
             finally:

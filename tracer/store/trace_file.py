@@ -174,9 +174,7 @@ class TraceWriter:
         """A JSON record (``meta``, ``summary``); the ``meta`` record gets this run's ``run_id``."""
         if key == "meta":
             value = {**value, "run_id": self.run_id}
-        text = json.dumps(value, sort_keys=True)
-        self.file.attrs[key] = text
-        self.file.attrs[f"{key}_crc32"] = checksum(text, self.seed(key))
+        self.set_json_text(key, json.dumps(value, sort_keys=True))
         if key not in self._records:
             self._records.append(key)
 
@@ -269,6 +267,7 @@ class TraceWriter:
         return self.path
 
     def set_json_text(self, key: str, text: str) -> None:
+        """A JSON record as text, with its run-bound checksum (:meth:`set_json` also lists it as written)."""
         self.file.attrs[key] = text
         self.file.attrs[f"{key}_crc32"] = checksum(text, self.seed(key))
 
