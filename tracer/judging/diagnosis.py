@@ -210,6 +210,11 @@ class _Tokens:
         packed_start[order] = np.concatenate([[0], np.cumsum(lengths[order])[:-1]])
         return cls(seq, pos, packed_start[seq] + pos, lengths, order[0])
 
+    def per_sequence(self, x: np.ndarray) -> list[np.ndarray]:
+        """``x`` (one value per canonical token) split into each sequence's tokens (views: canonical
+        tokens are contiguous per sequence, so this is one pass, not one mask per sequence)."""
+        return np.split(x, np.cumsum(self.lengths)[:-1])
+
 
 def _rank(x: np.ndarray) -> np.ndarray:
     r = np.empty(len(x), dtype=np.float64)
@@ -253,11 +258,11 @@ def _levels(r: np.ndarray, tok: _Tokens) -> tuple[np.ndarray, float]:
     """Per-sequence median error, and the share of the variance of log10 error the sequence explains."""
     logr = np.log10(np.maximum(r, 1e-3))
     n = len(tok.lengths)
-    levels = np.array([np.median(r[tok.seq == s]) for s in range(n)])
+    levels = np.array([np.median(part) for part in tok.per_sequence(r)])
     total = float(np.var(logr))
     if n < 2 or total <= 0:
         return levels, 0.0
-    means = np.array([logr[tok.seq == s].mean() for s in range(n)])
+    means = np.array([part.mean() for part in tok.per_sequence(logr)])
     between = float(np.sum(tok.lengths * (means - logr.mean()) ** 2) / len(logr))
     return levels, between / total
 
@@ -266,7 +271,7 @@ def _per_sequence(r, over, tok, ids) -> tuple[str, dict] | None:
     levels, eta2 = _levels(r, tok)
     if eta2 < SEQUENCE_ETA2:
         return None
-    share = np.array([over[tok.seq == s].mean() for s in range(len(levels))])
+    share = np.array([part.mean() for part in tok.per_sequence(over)])
     ev = {"eta2": eta2, "sequence_levels": {ids[s]: float(levels[s]) for s in range(len(levels))},
           "first_packed": ids[tok.first_packed]}
     others = [s for s in range(len(levels)) if s != tok.first_packed]
