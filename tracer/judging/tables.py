@@ -156,12 +156,13 @@ def comparator_workers() -> int:
     return max(1, int(env)) if env else max(1, min(4, os.cpu_count() or 1))
 
 
-def recomputed_table(trace: Trace, workers: int | None = None) -> MetricsTable:
+def recomputed_table(trace: Trace, workers: int | None = None, local: dict | None = None) -> MetricsTable:
     """Per-token metrics recomputed from the stored tensors, a few taps at a time.
 
     ``workers`` threads each take one tap at a time (read, up-cast, compare) into their own
     reused buffers, so peak memory is about ``workers`` taps of every path, whatever the
-    number of layers.
+    number of layers. ``local``: the stored ``--local`` table when the caller has read it
+    (it is not recomputed; else it is read here).
     """
     return_freed_memory()
     paths = trace.paths
@@ -198,7 +199,8 @@ def recomputed_table(trace: Trace, workers: int | None = None) -> MetricsTable:
         torch.set_num_threads(threads)
         reader.close()
     table = {p: metrics_table(names, by_tap, trace.n_tokens) for p, by_tap in rows.items()}
-    local = stored_table(trace).local if trace.has("local") else {}
+    if local is None:
+        local = stored_table(trace).local if trace.has("local") else {}
     return MetricsTable(list(names), table, local)
 
 
@@ -218,9 +220,10 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
     stored = stored_table(trace)
     table = stored
     if recomputes(trace, recompute):  # tensors -> stored metrics -> stored summary, each checked
-        table = recomputed_table(trace)
+        table = recomputed_table(trace, local=stored.local)
         cross_check(trace, table, stored)
-    check_summary(trace, stored)
+    pooled = stored_against_reference(trace)  # read and checked once, for both judgements
+    checked, checked_rule = check_summary(trace, stored, pooled)
     has_ref = table.has("packed-vs-reference")
     rule = rule or default_rule(trace.meta["dtype"], has_ref)
     if rule.kind == "noise" and not has_ref:
@@ -230,25 +233,30 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
             f"{trace.path} has no control-path metrics (written before tracer's control path set the noise level), "
             "so the noise rule cannot judge it; use --rule plain, or re-run the trace"
         )
-    return _judge(trace, table, rule)
+    if table is stored and rule == checked_rule:  # the very judgement check_summary made
+        return checked
+    return _judge(trace, table, rule, pooled)
 
 
-def _judge(trace: Trace, table: MetricsTable, rule: Rule) -> Summary:
+def _judge(trace: Trace, table: MetricsTable, rule: Rule, pooled: dict) -> Summary:
     batch = batch_description(trace.sequences, trace.meta.get("pack_order", "given"))
     ids = [s.id for s in trace.sequences]
-    return judge(table, trace.layout, ids, rule, summary_context(trace.meta, batch), trace=str(trace.path),
-                 pooled_cos=stored_against_reference(trace))
+    return judge(table, trace.layout, ids, rule, summary_context(trace.meta, batch), trace=str(trace.path), pooled_cos=pooled)
 
 
-def check_summary(trace: Trace, stored: MetricsTable) -> None:
+def check_summary(trace: Trace, stored: MetricsTable, pooled: dict | None = None) -> tuple[Summary, Rule]:
     """Raise :class:`TracerError` unless the stored summary is what the stored metrics give
-    under the stored rule (:mod:`tracer.judging.consistency`)."""
+    under the stored rule (:mod:`tracer.judging.consistency`); returns that judgement and rule.
+    ``pooled``: :func:`stored_against_reference` of the trace, when the caller has it."""
     summary = trace.summary
     if summary is None:
         raise TracerError(f"{trace.path} has no stored summary; no verdict is given from an incomplete trace")
-    problem = summary_disagreement(summary, _judge(trace, stored, stored_rule(summary, trace.path)))
+    rule = stored_rule(summary, trace.path)
+    judged = _judge(trace, stored, rule, stored_against_reference(trace) if pooled is None else pooled)
+    problem = summary_disagreement(summary, judged)
     if problem:
         raise TracerError(f"{trace.path} is damaged: {problem}; no verdict is given from inconsistent data")
+    return judged, rule
 
 
 CROSS_CHECK = {"rtol": 1e-3, "atol": 1e-6}
