@@ -24,6 +24,7 @@ Backends:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,16 +55,17 @@ class Backend:
     version: str | None = None
 
 
-_BOUNDS: list = [None, None]
-"""The last ``cu_seqlens`` tensor seen and its values on the host (every layer passes the same one)."""
+_BOUNDS = threading.local()
+"""Per thread, the last ``cu_seqlens`` tensor seen and its values on the host (every layer of a
+forward passes the same one; each lockstep stream, e.g. packed and control, has its own thread)."""
 
 
 def _host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
     """``cu_seqlens.tolist()``, read from the device once per tensor, not once per layer (each
     read waits for the device to drain). Offsets tensors are never written in place."""
-    if _BOUNDS[0] is not cu_seqlens:
-        _BOUNDS[:] = [cu_seqlens, cu_seqlens.tolist()]
-    return _BOUNDS[1]
+    if getattr(_BOUNDS, "tensor", None) is not cu_seqlens:
+        _BOUNDS.tensor, _BOUNDS.values = cu_seqlens, cu_seqlens.tolist()
+    return _BOUNDS.values
 
 
 def math_attention(q, k, v, cu_seqlens, max_seqlen, scale):
