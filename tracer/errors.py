@@ -10,3 +10,10 @@ is a bug in tracer and keeps its traceback.
 
 class TracerError(Exception):
     """A user-facing error: one line, no traceback, non-zero exit."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type's name if it has none): what
+    a one-line error quotes of a library's exception."""
+    text = [t.strip() for t in str(e).splitlines() if t.strip()]
+    return text[0] if text else type(e).__name__

@@ -77,12 +77,13 @@ from tracer.campaigns.campaign import Campaign, check_folder, run_and_report, Tr
 from tracer.cli import Parser, add_run_options, bounded_int, main_guard
 from tracer.store import files
 from tracer.env import resolve_device, resolve_dtype
-from tracer.errors import TracerError
+from tracer.errors import TracerError, first_line
 from tracer.inputs.faults import FAULT_NAMES
 from tracer.esm.models import DEFAULT_MODEL
 from tracer.inputs.packing import PACK_ORDERS
 from tracer.capture.paths import encode
 from tracer.capture.plugin_state import STATES
+from tracer.capture.provenance import label
 from tracer.inputs.sequences import MAX_RESIDUES, Sequence, debug_batch, read_fasta
 from tracer.runner.config import RunConfig, config_from_args, output_stem
 from tracer.runner.execute import trace
@@ -143,16 +144,12 @@ class Row:
 
 def packed_spec(config: RunConfig) -> str:
     """The packed path as words: ``builtin``, the plug-in SPEC, or ``callable <name>``."""
-    return _spec(getattr(config, "packed", "builtin"))
+    return label(config.packed)
 
 
 def unpacked_spec(config: RunConfig) -> str:
     """The unpacked path as words: ``fair-esm``, the plug-in SPEC, or ``callable <name>``."""
-    return _spec(getattr(config, "unpacked", "fair-esm"))
-
-
-def _spec(spec) -> str:
-    return spec if isinstance(spec, str) else f"callable {getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', spec)}"
+    return label(config.unpacked)
 
 
 def longest(sequences) -> Sequence:
@@ -365,7 +362,7 @@ def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: boo
         except TracerError as e:  # this row cannot run (e.g. a plug-in refuses float32): report it, go on
             if v.name == "baseline":  # the configuration as given must run
                 raise
-            row = Row(v.name, v.hypothesis, v.change, "not run", "not run", note=f"not run: {str(e).splitlines()[0]}")
+            row = Row(v.name, v.hypothesis, v.change, "not run", "not run", note=f"not run: {first_line(e)}")
         row.seconds = round(time.perf_counter() - t0, 2)
         if row.kind != "not run":  # a row that could not run is tried again on a resume
             camp.finish(v.name, row.to_json(), facts, row_fingerprint(v) if facts else None)

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from tracer.errors import TracerError
+from tracer.errors import TracerError, first_line
 
 BUILTIN = {"packed": "builtin", "unpacked": "fair-esm"}
 _TOOL_DIR = str(Path(__file__).resolve().parent)
@@ -75,7 +75,7 @@ class Plugin:
         except Exception as e:
             raise TracerError(
                 f"{self.side} plug-in {self.label} raised {type(e).__name__} in its {what}: "
-                f"{_first_line(e)}{_where(e)}"
+                f"{first_line(e)}{_where(e)}"
             ) from None
 
 
@@ -142,7 +142,7 @@ def _load_file(path: Path, spec: str, side: str):
         raise
     except BaseException as e:  # SyntaxError, ImportError, SystemExit, anything its top level raises
         del sys.modules[name]
-        raise TracerError(f"--{side} {spec!r}: importing {path} failed: {type(e).__name__}: {_first_line(e)}{_where(e)}") from None
+        raise TracerError(f"--{side} {spec!r}: importing {path} failed: {type(e).__name__}: {first_line(e)}{_where(e)}") from None
     return module
 
 
@@ -152,20 +152,15 @@ def _import(target: str, spec: str, side: str):
     except ModuleNotFoundError as e:
         if e.name and target.startswith(e.name):
             raise TracerError(f"--{side} {spec!r}: no module named {e.name!r} (is it installed, or on PYTHONPATH?)") from None
-        raise TracerError(f"--{side} {spec!r}: importing {target} failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise TracerError(f"--{side} {spec!r}: importing {target} failed: {type(e).__name__}: {first_line(e)}") from None
     except (KeyboardInterrupt, TracerError):
         raise
     except BaseException as e:
-        raise TracerError(f"--{side} {spec!r}: importing {target} failed: {type(e).__name__}: {_first_line(e)}{_where(e)}") from None
+        raise TracerError(f"--{side} {spec!r}: importing {target} failed: {type(e).__name__}: {first_line(e)}{_where(e)}") from None
 
 
 def _identifier(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)
-
-
-def _first_line(e: BaseException) -> str:
-    text = [t for t in str(e).strip().splitlines() if t.strip()]
-    return text[0].strip() if text else type(e).__name__
 
 
 def _where(e: BaseException) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from esm.model.esm2 import ESM2
 
-from tracer.errors import TracerError
+from tracer.errors import TracerError, first_line
 from tracer.esm import integrity
 from tracer.esm.catalogue import ARCHITECTURES, MODEL_URL, Architecture, empty_esm2
 from tracer.esm.precision import canonical_inv_freq, remember_loaded
@@ -270,8 +270,3 @@ def download_checkpoint(name: str, dest: Path) -> None:
 def last_line(e: BaseException) -> str:
     text = [t for t in str(e).strip().splitlines() if t.strip()]
     return text[-1].strip() if text else type(e).__name__
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from tracer.errors import TracerError
+from tracer.errors import TracerError, first_line
 
 SUPPORTED = "transformers>=5.17 (tested 5.17 and 5.24)"
 INSTALL = "pip install 'tracer[hf]'"
@@ -235,7 +235,7 @@ def folder_architecture(path):
     try:
         cfg = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TracerError(f"{p}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise TracerError(f"{p}: cannot read it ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(cfg, dict):
         raise TracerError(f"{p}: not a config (a JSON object)")
     return architecture_of(cfg, str(p))
@@ -257,7 +257,7 @@ def read_hf_state(path) -> dict:
         try:
             state.update(load_file(str(shard)))
         except Exception as e:  # a damaged or truncated file: one line
-            raise TracerError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            raise TracerError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {first_line(e)})") from None
     return state
 
 

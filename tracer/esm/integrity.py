@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from tracer.errors import TracerError
+from tracer.errors import TracerError, first_line
 
 CACHE_FORMAT = "tracer-random-cache-v1"
 _DATA_RECORD = re.compile(r"(^|/)data/\d+$")
@@ -141,7 +141,7 @@ def check_zip_records(path, data) -> None:
                 if not _DATA_RECORD.search(info.filename):
                     z.read(info)  # zipfile checks the CRC-32 of what it reads
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
-        raise TracerError(f"{path} is damaged ({_first_line(e)})") from None
+        raise TracerError(f"{path} is damaged ({first_line(e)})") from None
     expected = Counter((i.file_size, i.CRC) for i in members if _DATA_RECORD.search(i.filename))
     found: dict = {}
     try:
@@ -156,8 +156,3 @@ def check_zip_records(path, data) -> None:
             f"{path} is damaged: {bad} of its {sum(expected.values())} weight records fail their zip CRC-32 check "
             "(a corrupted download or disk, or the file changed while it was read)"
         )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

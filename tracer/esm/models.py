@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from esm.model.esm2 import ESM2
 
-from tracer.errors import TracerError
+from tracer.errors import TracerError, first_line
 from tracer.esm import hf_convert
-from tracer.esm.checkpoints import first_line
 from tracer.esm.weights_cache import join_cache_write
 from tracer.esm.catalogue import ARCHITECTURES, Architecture, DEFAULT_MODEL, MODEL_URL, Weights, architecture  # noqa: F401 (re-exported)
 from tracer.esm.checkpoints import hub_checkpoint_path, read_checkpoint, checkpoint_architecture, build_from_checkpoint, download_checkpoint  # noqa: F401 (re-exported)

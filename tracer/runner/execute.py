@@ -50,7 +50,7 @@ from tracer.capture.provenance import plugin_sources
 from tracer.capture.paths import Batch, BuiltinPackedPath, FairEsmPath, TracedPath, encode, reference_path
 from tracer.capture.plugin_state import plugin_view
 from tracer.env import dtype_name, environment, return_freed_memory, tool_version
-from tracer.errors import TracerError
+from tracer.errors import TracerError, first_line
 from tracer.esm import models
 from tracer.esm.packed_forward import PackedESM2
 from tracer.inputs.sequences import Sequence
@@ -188,7 +188,7 @@ def execute(run: _Run, writer: TraceWriter, determinism: dict) -> Outcome:
             raise
         raise TracerError(
             f"this PyTorch ({torch.__version__}) cannot run ESM-2 in {plan.dtype_name} on {plan.device.type} "
-            f"with --attn {plan.backend.name} ({str(e).splitlines()[0]}); choose another --dtype, --device or --attn"
+            f"with --attn {plan.backend.name} ({first_line(e)}); choose another --dtype, --device or --attn"
         ) from None
     finally:
         if async_writer is not None:  # failure path: stop the threads (no draining) before the file is removed
