@@ -32,6 +32,10 @@ class Architecture:
     def head_dim(self) -> int:
         return self.embed_dim // self.heads
 
+    def known(self) -> "Architecture":
+        """The catalogue's architecture of this shape (its name), or this one if none has it."""
+        return next((a for a in ARCHITECTURES.values() if a.same_shape(self)), self)
+
     def same_shape(self, other: "Architecture") -> bool:
         return (self.num_layers, self.embed_dim, self.heads, self.token_dropout) == (
             other.num_layers,

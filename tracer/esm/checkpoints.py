@@ -17,7 +17,7 @@ from esm.model.esm2 import ESM2
 
 from tracer.errors import TracerError, first_line
 from tracer.esm import integrity
-from tracer.esm.catalogue import ARCHITECTURES, MODEL_URL, Architecture, empty_esm2
+from tracer.esm.catalogue import MODEL_URL, Architecture, empty_esm2
 from tracer.esm.precision import canonical_inv_freq, remember_loaded
 
 
@@ -182,10 +182,7 @@ def checkpoint_architecture(data: dict, path: str | Path) -> Architecture:
         token_dropout = bool(_cfg(model_cfg, "token_dropout", True))
     except (KeyError, AttributeError, TypeError, ValueError):
         raise TracerError(f"{path} has an incomplete ESM-2 config in cfg.model") from None
-    for arch in ARCHITECTURES.values():
-        if (arch.num_layers, arch.embed_dim, arch.heads, arch.token_dropout) == (*shape, token_dropout):
-            return arch
-    return Architecture("custom", *shape, token_dropout)
+    return Architecture("custom", *shape, token_dropout).known()
 
 
 def _cfg(cfg, key, default=KeyError):

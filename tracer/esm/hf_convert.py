@@ -213,11 +213,7 @@ def architecture_of(cfg: dict, where: str):
         raise TracerError(f"{where}: ESM-2 has intermediate_size = 4 x hidden_size and hidden_act gelu")
     if float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))) != 10000.0:
         raise TracerError(f"{where}: rope_theta must be 10000 (ESM-2's RoPE)")
-    found = models.Architecture("custom", layers, width, heads, bool(cfg.get("token_dropout", True)))
-    for a in models.ARCHITECTURES.values():
-        if a.same_shape(found):
-            return a
-    return found
+    return models.Architecture("custom", layers, width, heads, bool(cfg.get("token_dropout", True))).known()
 
 
 # ---------------------------------------------------------------------------------------------
