@@ -19,7 +19,7 @@ import torch
 
 from tracer.benchmarks import disk
 from tracer.benchmarks.report import GB, check
-from tracer.benchmarks.timing import Excluding, interleaved, median
+from tracer.benchmarks.timing import Excluding, bare_medians, interleaved, median
 from tracer.capture.paths import encode
 from tracer.env import dtype_name, environment, resolve_device, resolve_dtype
 from tracer.esm import attention, models
@@ -66,7 +66,10 @@ def bare_sides(model, batch, device, dtype, ref_dtype, backend, paths: list[str]
     return sides, before
 
 
-def _traced(config: RunConfig, seqs, loaded):
+def traced_side(config: RunConfig, seqs, loaded):
+    """The timed call of a traced run: ``trace()``, less the model's conversion (the bare sides
+    convert it off the clock)."""
+
     def run():
         r = trace(config, seqs, quiet=True, loaded=loaded)
         return Excluding(r, r.timings.get("to_device", 0.0) + r.timings.get("load", 0.0))
@@ -97,13 +100,12 @@ def run_bench(model_name, seq_len, device_name, dtype_name_, repeats, folder: Pa
     probe.path.unlink(missing_ok=True)
     paths = [p for p in ("unpacked", "packed", "control", REFERENCE) if p in probe.timings]
     sides, before = bare_sides(model, batch, device, dtype, ref_dtype, backend, paths)
-    sides["metrics-only"] = _traced(RunConfig(**base, metrics_only=True, out=str(folder / "bench-metrics.h5")), seqs, loaded)
-    sides["full"] = _traced(RunConfig(**base, out=str(folder / "bench-full.h5")), seqs, loaded)
+    sides["metrics-only"] = traced_side(RunConfig(**base, metrics_only=True, out=str(folder / "bench-metrics.h5")), seqs, loaded)
+    sides["full"] = traced_side(RunConfig(**base, out=str(folder / "bench-full.h5")), seqs, loaded)
     say(f"bench: {len(sides)} sides x ({repeats} repeats + 1 warm-up), interleaved, each in a fresh thread: {', '.join(sides)}")
     times, last = interleaved(sides, repeats, device, before=before)
-    bare_each = {s.removeprefix("bare "): median(v) for s, v in times.items() if s.startswith("bare ")}
-    bare_totals = [sum(times[s][i] for s in times if s.startswith("bare ")) for i in range(repeats)]
-    bare_total, mo_s, full_s = median(bare_totals), median(times["metrics-only"]), median(times["full"])
+    bare_each, bare_total = bare_medians(times, repeats)
+    mo_s, full_s = median(times["metrics-only"]), median(times["full"])
     full = last["full"]
     result = {
         "model": model_name, "layers": arch.num_layers, "tokens": batch.layout.n_tokens, "taps": len(full.summary.taps),
@@ -164,7 +166,3 @@ def debug_checks(r: dict) -> list[dict]:
               f"{(r['comparator_peak_rss'] - r['comparator_baseline_rss']) / 1e6:.0f} MB / {r['one_layer_bytes'] / 1e6:.1f} MB", dev),
     ]
     return [c.to_json() for c in checks]
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M")

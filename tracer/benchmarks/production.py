@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from tracer.benchmarks import disk
-from tracer.benchmarks.debug_batch import bare_sides
+from tracer.benchmarks.debug_batch import bare_sides, traced_side
 from tracer.benchmarks.report import GB, MB, check
-from tracer.benchmarks.timing import Excluding, interleaved, median, sync
+from tracer.benchmarks.timing import bare_medians, interleaved, median, sync
 from tracer.capture.paths import encode
 from tracer.env import resolve_device, resolve_dtype
 from tracer.esm import attention, models
@@ -77,17 +77,11 @@ def production_child(spec: str) -> None:
     paths = [p for p in ("unpacked", "packed", "control", "reference") if p in r.timings]
     backend = attention.resolve(a["attn"], device, dtype)
     sides, before = bare_sides(model, encode(seqs, model.alphabet), device, dtype, ref_dtype, backend, paths)
-
-    def traced():
-        t = trace(config, seqs, quiet=True, loaded=loaded)
-        return Excluding(t.timings, t.timings.get("to_device", 0.0) + t.timings.get("load", 0.0))
-
-    sides["metrics-only"] = traced
+    sides["metrics-only"] = traced_side(config, seqs, loaded)
     times, _ = interleaved(sides, a["repeats"], device, warmup=False, before=before)  # the first run above warmed up
     Path(a["out"]).unlink(missing_ok=True)
     out["times"] = times
-    out["bare_seconds"] = {s.removeprefix("bare "): median(v) for s, v in times.items() if s.startswith("bare ")}
-    out["bare_total_seconds"] = median([sum(times[s][i] for s in times if s.startswith("bare ")) for i in range(a["repeats"])])
+    out["bare_seconds"], out["bare_total_seconds"] = bare_medians(times, a["repeats"])
     out["metrics_only_seconds"] = median(times["metrics-only"])
     print(json.dumps(out))
 
@@ -174,9 +168,9 @@ def run_production(model_name, n, device_name, dtype_name_, attn, folder: Path, 
         say(f"bench: production batch of {n} sequences, --metrics-only (fresh process, cached weights)")
         prod = production_probe(model_name, n, device_name, dtype_name_, attn, folder, repeats)
     arch = models.architecture(model_name)
-    ckpt = next((folder / "cache" / "random-weights").glob(f"esm2-{arch.num_layers}L-{arch.embed_dim}E-*seed0-*.pt"), None)
+    ckpt = folder / "cache" / "random-weights" / f"esm2-{models.random_cache_key(arch, 0)}.pt"  # what time_to_verdict cached
     say("bench: checkpoint load vs disk read + pinned copy")
-    load = load_vs_limit(ckpt, device_name, dtype_name_) if ckpt else {"error": "no cached checkpoint"}
+    load = load_vs_limit(ckpt, device_name, dtype_name_) if ckpt.exists() else {"error": "no cached checkpoint"}
     p = {"batch": prod, "time_to_verdict": ttv, "build": build, "load": load, "device_type": resolve_device(device_name).type}
     p["checks"] = production_checks(p)
     return p

@@ -91,3 +91,9 @@ class Excluding:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def bare_medians(times: dict[str, list[float]], repeats: int) -> tuple[dict[str, float], float]:
+    """``({path: median seconds}, median of the per-repeat totals)`` of the ``bare <path>`` sides."""
+    bare = [s for s in times if s.startswith("bare ")]
+    return {s.removeprefix("bare "): median(times[s]) for s in bare}, median([sum(times[s][i] for s in bare) for i in range(repeats)])
