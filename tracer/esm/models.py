@@ -21,10 +21,10 @@ from esm.model.esm2 import ESM2
 from tracer.errors import TracerError, first_line
 from tracer.esm import hf_convert
 from tracer.esm.weights_cache import join_cache_write
-from tracer.esm.catalogue import ARCHITECTURES, Architecture, DEFAULT_MODEL, MODEL_URL, Weights, architecture  # noqa: F401 (re-exported)
+from tracer.esm.catalogue import ARCHITECTURES, Architecture, DEFAULT_MODEL, Weights, architecture  # noqa: F401 (re-exported)
 from tracer.esm.checkpoints import hub_checkpoint_path, read_checkpoint, checkpoint_architecture, build_from_checkpoint, download_checkpoint  # noqa: F401 (re-exported)
 from tracer.esm.weights_cache import build_random, random_cache_key, random_cache_path, read_random_cache, save_random_cache, wait_for_cache_writes  # noqa: F401 (re-exported)
-from tracer.esm.precision import remember_loaded, loaded_inv_freq, canonical_inv_freq, reset_rotary_caches, set_precision, to_device_pinned, upcast_twin, strict_fp32_matmul  # noqa: F401 (re-exported)
+from tracer.esm.precision import loaded_inv_freq, canonical_inv_freq, set_precision, to_device_pinned, upcast_twin, strict_fp32_matmul  # noqa: F401 (re-exported)
 
 
 

@@ -89,11 +89,6 @@ class RunConfig:
     hf_attn: str = "sdpa"
     plugin_state: str = "as-loaded"
 
-    @property
-    def has_reference(self) -> bool:
-        """Whether a reference path runs (``auto``: for 16-bit run dtypes)."""
-        return resolved_reference(self.reference, self.dtype) != "none"
-
 
 def config_from_args(args, ids: list[str], command: tuple[str, ...], **extra) -> RunConfig:
     """The one :class:`RunConfig` builder for every CLI: options the tool does not declare keep
@@ -104,8 +99,8 @@ def config_from_args(args, ids: list[str], command: tuple[str, ...], **extra) ->
     def get(name, default=None):
         return getattr(args, name, default)
 
-    base = RunConfig(dtype=args.dtype, reference=args.reference)
-    rule = rule_from_args(args, args.dtype, base.has_reference) if hasattr(args, "rule") else None
+    has_reference = resolved_reference(args.reference, args.dtype) != "none"
+    rule = rule_from_args(args, args.dtype, has_reference) if hasattr(args, "rule") else None
     return RunConfig(
         model=args.model, weights=args.weights, seed=args.seed, trust_checkpoint=args.trust_checkpoint,
         device=args.device, dtype=args.dtype, attn=args.attn, packed_rope=args.packed_rope, reference=args.reference,

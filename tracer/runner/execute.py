@@ -304,7 +304,7 @@ def _forwards(run: _Run, paths: list[TracedPath], names: list[str], collector: C
     if plan.ref_dtype is not None:
         say(f"reference path: fair-esm forward in {dtype_name(plan.ref_dtype)} on up-cast weights (one layer at a time)")
         say(f"control path (sets the noise level): {_describe_control(plan.control)}")
-    say(f"running the paths in lockstep, layer by layer{_describe_split(plan, batch)}")
+    say(f"running the paths in lockstep, layer by layer{_describe_split(plan)}")
     with run.clock("paths"):
         t = time.perf_counter()
         seconds, outputs = _lockstep(run, paths, names, collector, pooled)
@@ -415,7 +415,7 @@ def _whole(split, batch: Batch) -> bool:
     return len(split.groups) == 1 and split.groups[0] == tuple(range(len(batch.sequences)))
 
 
-def _describe_split(plan: Plan, batch: Batch) -> str:
+def _describe_split(plan: Plan) -> str:
     split = plan.estimate.plan
     if len(split.groups) == 1:
         return ""

@@ -50,7 +50,6 @@ from tracer.inputs.batching import SubBatches, plan_sub_batches
 from tracer.errors import TracerError
 from tracer.judging.metrics import METRICS
 
-GiB = 2**30
 HEADROOM = 0.9
 """Fraction of free memory/disk a run may plan to use."""
 
