@@ -9,10 +9,11 @@
 * a user's plug-in (``--packed SPEC`` / ``--unpacked SPEC``, :mod:`tracer.capture.plugin`) in place
   of either side, its taps captured by :class:`tracer.capture.observe.Observer` (:class:`PluginPath`).
 
-Every path says what it can do (:class:`Supports`: sub-batches of the padded batch, a single
-layer re-run for ``--local``, planted faults) and which taps it delivers, and runs the batch,
-handing each tap to ``record(name, canonical_tensor)``. Callers ask ``path.supports``; they never
-test a path's class.
+Every path says what it can do beyond one whole-batch forward (:class:`Supports`: sub-batches of
+the padded batch) and which taps it delivers, and runs the batch, handing each tap to
+``record(name, canonical_tensor)``. The runner asks ``path.supports``; it never tests a path's
+class. Which options need the built-in paths (``--local``'s single-layer re-runs, planted
+faults) is decided by the plan, before any path exists (:func:`tracer.runner.plan.check_plugin_options`).
 
 Example::
 
@@ -128,13 +129,9 @@ class Supports:
 
     Attributes:
         sub_batches: runs on length-sorted sub-batches of the padded batch (:meth:`TracedPath.part`).
-        single_layer: re-runs one layer on a given canonical input (:meth:`TracedPath.run_layer`, ``--local``).
-        faults: takes planted faults (``--fault`` switches and perturbations).
     """
 
     sub_batches: bool = False
-    single_layer: bool = False
-    faults: bool = False
 
 
 class TracedPath:
@@ -164,7 +161,7 @@ class TracedPath:
         raise NotImplementedError(f"{self.label} does not run sub-batches")
 
     def run_layer(self, i: int, x: torch.Tensor, batch: Batch, names: list[str], record: Record) -> None:
-        """Layer ``i`` alone on the canonical ``(N, E)`` input ``x`` (``supports.single_layer``)."""
+        """Layer ``i`` alone on the canonical ``(N, E)`` input ``x`` (the built-in paths; ``--local``)."""
         raise NotImplementedError(f"{self.label} does not re-run single layers")
 
     def describe(self, batch: Batch) -> str:
@@ -174,7 +171,7 @@ class TracedPath:
 class FairEsmPath(TracedPath):
     """fair-esm's own ``ESM2.forward`` on the padded batch (hooks only record)."""
 
-    supports = Supports(sub_batches=True, single_layer=True, faults=True)
+    supports = Supports(sub_batches=True)
 
     def __init__(self, model, faults: Faults | None = None, name: str = "unpacked", context: Callable | None = None, label: str = "fair-esm ESM2.forward"):
         self.model, self.faults, self.name, self.context, self.label = model, faults, name, context, label
@@ -201,8 +198,6 @@ def reference_path(twin, strict_matmul: Callable, dtype_name: str) -> FairEsmPat
 
 class BuiltinPackedPath(TracedPath):
     """tracer's own packed forward (:class:`tracer.esm.packed_forward.PackedESM2`)."""
-
-    supports = Supports(single_layer=True, faults=True)
 
     def __init__(self, packed: PackedESM2, name: str = "packed"):
         self.packed, self.name = packed, name

@@ -3,8 +3,8 @@ layer from error inherited from the layers before it.
 
 The packed path re-runs layer ``i`` on the unpacked path's recorded input (and, with a
 reference, both paths on the reference's input cast to the run dtype); the per-token metrics of
-those re-runs against the recorded outputs form the ``local`` table. Needs paths that
-``supports.single_layer`` (the built-in ones).
+those re-runs against the recorded outputs form the ``local`` table. Needs the built-in paths
+(their ``run_layer``; the plan refuses ``--local`` with a plug-in).
 """
 
 from __future__ import annotations
