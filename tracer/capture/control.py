@@ -73,8 +73,7 @@ class Control:
 def is_control_config(packed_builtin: bool, packed_rope: str, faults: Faults) -> bool:
     """Whether the packed path under test is the control's configuration: built-in, fp32 RoPE,
     and no fault that acts on the packed side (switches or packed perturbations)."""
-    switches = [k for k, v in faults.to_dict().items() if v is True]
-    return packed_builtin and packed_rope == "fp32" and not switches and not faults.perturbations_of("packed")
+    return packed_builtin and packed_rope == "fp32" and not faults.switches and not faults.perturbations_of("packed")
 
 
 def plan_control(packed_builtin: bool, packed_rope: str, faults: Faults, backend: attention.Backend,

@@ -13,7 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from tracer.errors import TracerError
 
@@ -80,8 +80,13 @@ class Faults:
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d
 
+    @property
+    def switches(self) -> list[str]:
+        """The names of the fault switches that are on (the boolean fields set to ``True``)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is True]
+
     def describe(self) -> str:
-        on = [k for k, v in asdict(self).items() if v is True]
+        on = list(self.switches)
         on += [f"perturb {p.path} {p.tap} " + ("every token" if p.whole_tap else f"seq {p.sequence} token {p.token}") + f" eps {p.eps}"
                for p in self.perturbations]
         if self.layers is not None and on:

@@ -171,9 +171,8 @@ def _preflight(plan: Plan) -> preflight.Estimate:
 def check_plugin_options(config: RunConfig, plugins: dict) -> None:
     """Options that act on the built-in paths only."""
     f = config.faults
-    switches = [k for k, v in f.to_dict().items() if v is True]
     if plugins["packed"] is not None:
-        foreign = [k for k in switches if k not in getattr(plugins["packed"], "switches", ())]  # --packed hf honours two
+        foreign = [k for k in f.switches if k not in getattr(plugins["packed"], "switches", ())]  # --packed hf honours two
         if foreign:
             raise TracerError(f"--fault {foreign[0].replace('_', '-')} is a switch of the built-in packed path; it does not apply to --packed {plugins['packed'].label}")
         if f.perturbations_of("packed"):
