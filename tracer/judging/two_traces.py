@@ -121,7 +121,6 @@ def _value(d: dict) -> str:
 
 
 def _where(d: dict) -> str:
-    at = f"layer {d['layer']}, {d['tap']}" if d["layer"] is not None else d["tap"]
-    return f"{at}, sequence {d['sequence']}, token {d['token']}"
+    return Point.from_json(d).where()
 
 
