@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from tracer.cli import Parser, bounded_int, main_guard
+from tracer.runner.progress import Progress
 from tracer.inputs.sequences import MAX_RESIDUES
 from tracer.store import files
 from tracer.errors import TracerError
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
         raise TracerError(f"--seq-len must be a positive number of residues, got {args.seq_len}")
     ctx = _folder(args.dir)
     folder = Path(ctx.name)
-    say = lambda m: print(f"tracer: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    say = Progress()
     result: dict = {"command": "python -m tracer.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
                     "date": time.strftime("%Y-%m-%d"), "machine": _machine(args.device)}
     t0 = time.perf_counter()

@@ -328,7 +328,7 @@ def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: boo
     """Run (or resume) the matrix into ``out``; returns the summary record (also written to ``out``)."""
     variants = plan(base, sequences)
     check_folder(Path(out), TOOL, force)  # before a long model load
-    say = (lambda m: None) if quiet else (lambda m: print(f"tracer: {m}", file=sys.stderr, flush=True))
+    say = Progress(quiet)
     if loaded is None:
         loaded = models.load_model(base.model, base.weights, base.seed, base.trust_checkpoint, progress=say)
     _, arch, weights = loaded  # the model itself is only reached through `loaded` (it may be reloaded)
@@ -344,7 +344,7 @@ def run_matrix(base: RunConfig, sequences: list[Sequence], out: Path, force: boo
                 done[v.name] = _traced_row(v, facts, (camp.done[v.name] or {}).get("seconds")).to_json()
         elif camp.is_done(v.name):
             camp.forget(v.name)  # a module probe keeps no trace to verify: it is run again (seconds)
-    progress = Steps(Progress(quiet), len(work), len(done))
+    progress = Steps(say, len(work), len(done))
     cast = None  # the run dtype the model was cast to in place, by the rows run so far
     for v in _by_dtype(work, base.dtype):  # a module probe runs in the baseline's dtype
         if v.name in done:

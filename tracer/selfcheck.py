@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tracer.esm import models
 from tracer.cli import Parser, main_guard
+from tracer.runner.progress import Progress
 from tracer.errors import TracerError
 from tracer.inputs.faults import Faults, Perturbation
 from tracer.inputs.packing import PACK_ORDERS, pack_order
@@ -141,7 +142,7 @@ def build_parser() -> Parser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     rows = run_checks(args.model, args.weights, args.seed, args.device, args.dtype, args.attn, args.seq_len,
-                      say=lambda m: print(f"tracer: {m}", file=sys.stderr, flush=True), pack_orders=args.pack_order or PACK_ORDERS)
+                      say=Progress(), pack_orders=args.pack_order or PACK_ORDERS)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0 if all(r["ok"] for r in rows) else 1
 

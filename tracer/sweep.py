@@ -132,7 +132,7 @@ def run_sweep(base: RunConfig, lengths: list[int], out: Path, force: bool = Fals
     """Trace one sequence per length into ``out`` (resuming), write the summaries and the plot."""
     out = Path(out)
     check_folder(out, TOOL, force)
-    say = (lambda m: None) if quiet else (lambda m: print(f"tracer: {m}", file=sys.stderr, flush=True))
+    say = Progress(quiet)
     if loaded is None:
         loaded = models.load_model(base.model, base.weights, base.seed, base.trust_checkpoint, progress=say)
     model, arch, weights = loaded
@@ -150,7 +150,7 @@ def run_sweep(base: RunConfig, lengths: list[int], out: Path, force: bool = Fals
         facts = camp.reuse(f"L{n:05d}", prints[n], say)
         if facts is not None:
             done[n] = _row(n, facts)
-    progress = Steps(Progress(quiet), len(lengths), len(done))
+    progress = Steps(say, len(lengths), len(done))
     for n in lengths:
         name = f"L{n:05d}"
         if n in done:
