@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from tracer.esm.attention import Backend
 from tracer.errors import TracerError
 from tracer.inputs.faults import Faults
-from tracer.capture.observe import Geometry, Observer, _scaled, module_roles
+from tracer.capture.observe import Observer, _scaled, module_roles
 from tracer.capture.paths import PluginPath
 from tracer.capture.plugin import Plugin
 from tracer.esm.sites import HF_SITES_TABLE
@@ -209,16 +209,10 @@ class HfPath(PluginPath):
         super().__init__(plugin, model, pack_order)
         self.label = plugin.label  # "hf padded (...)": tracer's own path, not a user's plug-in
 
+    batch_first = True  # HF is batch-first whatever B and T are
+
     def _observe(self, batch, names, record, sources):
         return HfObserver(self.forward.hf, self._geometry(batch), names, record, sources)
-
-    def _geometry(self, batch) -> Geometry:
-        if self.name == "packed":
-            return super()._geometry(batch)
-        m, lay = self.model, batch.layout
-        b, t = batch.padded.shape  # HF is batch-first whatever B and T are
-        flat = lay.canonical_from_padded(t).to(self._device())
-        return Geometry("padded", lay.n_tokens, m.embed_dim, m.attention_heads, flat, batch=b, padded_len=t)
 
 
 def hf_plugin(side: str, dtype_by: str = "to", attn: str = "sdpa", backend: Backend | None = None, faults: Faults | None = None) -> Plugin:

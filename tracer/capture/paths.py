@@ -276,6 +276,10 @@ class PluginPath(TracedPath):
     exceptions in a second rather than after the expensive paths.
     """
 
+    batch_first = False
+    """Whether the padded side's tensors are known to be batch-first (else a square ``B x T``
+    batch is refused: the layouts could not be told apart)."""
+
     def __init__(self, plugin: Plugin, model, pack_order: str = "given"):
         self.plugin, self.model = plugin, model
         self.name = plugin.side
@@ -293,7 +297,7 @@ class PluginPath(TracedPath):
             to_canonical = None if lay.is_identity else lay.packed_row_of_canonical.to(self._device())
             return Geometry("packed", lay.n_tokens, m.embed_dim, m.attention_heads, to_canonical)
         b, t = batch.padded.shape
-        if b == t and b > 1:
+        if b == t and b > 1 and not self.batch_first:
             raise TracerError(
                 f"unpacked plug-in {self.plugin.label}: the padded batch is {b} x {t}, so batch-first and "
                 "time-first layouts cannot be told apart; add or remove a sequence"
