@@ -45,11 +45,10 @@ from dataclasses import dataclass
 from tracer.esm.attention import Backend
 from tracer.errors import TracerError
 from tracer.inputs.faults import Faults
-from tracer.capture.observe import Observer, _scaled, module_roles
+from tracer.capture.observe import Observer, module_roles
 from tracer.capture.paths import PluginPath
 from tracer.capture.plugin import Plugin
 from tracer.esm.sites import HF_SITES_TABLE
-from tracer.taps import tap_name
 
 SPEC = "hf"
 FAULT_SWITCHES = ("positions_not_restarted", "leak_across_sequences")
@@ -193,13 +192,8 @@ class HfObserver(Observer):
         """HF's ``(B, H, T, d)`` query/key/value as the attention function consumes them."""
         if not self._mine():
             return
-
         self.attention_calls += 1
-        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-        q, k, v = (self._from_sdpa(x) for x in (query, key, value))
-        self._offer(tap_name(layer, "q_rope"), "attention", _scaled(q, scale))
-        self._offer(tap_name(layer, "k_rope"), "attention", k)
-        self._offer(tap_name(layer, "v"), "attention", v)
+        self._offer_qkv(layer, query, key, value, scaling, sdpa=True)
 
 
 class HfPath(PluginPath):

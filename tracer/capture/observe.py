@@ -354,10 +354,13 @@ class Observer:
         if layer is None:
             self.unattributed_attention += 1
             return
-        scale = a.get(scale_arg)
-        d = q.shape[-1]
-        scale = d**-0.5 if scale is None else float(scale)
-        if kind == "sdpa":
+        self._offer_qkv(layer, q, k, v, a.get(scale_arg), sdpa=kind == "sdpa")
+
+    def _offer_qkv(self, layer: int, q, k, v, scale, sdpa: bool) -> None:
+        """An attention call's query (scaled as the product consumes it), key and value as layer
+        ``layer``'s ``q_rope``, ``k_rope`` and ``v`` (``sdpa``: in SDPA's ``(..., H, L, d)``)."""
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        if sdpa:
             q, k, v = (self._from_sdpa(x) for x in (q, k, v))
         self._offer(tap_name(layer, "q_rope"), "attention", _scaled(q, scale))
         self._offer(tap_name(layer, "k_rope"), "attention", k)
