@@ -31,7 +31,7 @@ The vocabulary (``docs/diagnosis.md`` states the rules, thresholds and margins):
 Example::
 
     bars, noise, _ = thresholds(table, rule)
-    d = diagnose(Judged(table, layout, ids, bars, noise), "unpacked-vs-reference", summary.attribution.unpacked, "unpacked")
+    d = diagnose(Judged(table, layout, ids, bars, noise), VS_REF["unpacked"], summary.attribution.unpacked, "unpacked")
     d.pattern, d.evidence["step_position"], d.cause    # 'step-at-position', 257, 'positions or ...'
     summary.diagnosis                                   # the same, for the divergence and each drift (judge)
 """
@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from tracer.judging.rule import PAIR, VS_REF
 from tracer.taps import EMBED, FINAL, parse_tap, tap_name, walk_key
 
 PATTERNS = ("non-finite", "step-at-position", "isolated", "sequence-offset", "sequence-boundary",
@@ -507,11 +508,11 @@ def diagnose_all(judged: Judged, first, drifts: dict, pooled_cos: dict | None = 
 
     div = None
     if first is not None:
-        div = diagnose(judged, "packed-vs-unpacked", first, "divergence", cos_of("packed", "unpacked"))
+        div = diagnose(judged, PAIR, first, "divergence", cos_of("packed", "unpacked"))
     out = {}
     for path in ("packed", "unpacked"):
         p = drifts.get(path)
-        pair = f"{path}-vs-reference"
+        pair = VS_REF[path]
         if p is not None and judged.table.has(pair):
             out[path] = diagnose(judged, pair, p, path, cos_of(path))
     return Diagnoses(div, out.get("packed"), out.get("unpacked"))

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PAIR = "packed-vs-unpacked"
+"""The pair judged: the packed path against the unpacked one."""
+
+VS_REF = {"packed": "packed-vs-reference", "unpacked": "unpacked-vs-reference"}
+"""Each path against the high-precision reference: which one drifted."""
+
+CONTROL = "control-vs-reference"
+"""The control path (a healthy run-dtype forward) against the reference: sets the noise level."""
+
+ROUNDED = "rounded-vs-reference"
+"""The reference rounded to the run dtype, against itself: the representation floor."""
+
 
 
 

@@ -49,21 +49,9 @@ import numpy as np
 from tracer.errors import TracerError
 from tracer.judging.diagnosis import Judged, diagnose_all
 from tracer.judging.records import Attribution, LocalLayer, Point, Summary, TapStats, _num, _order  # noqa: F401 (records re-exported)
-from tracer.judging.rule import NOISE_FACTOR, PLAIN_MAX_REL_L2, Rule  # noqa: F401 (re-exported)
+from tracer.judging.rule import CONTROL, NOISE_FACTOR, PAIR, PLAIN_MAX_REL_L2, ROUNDED, VS_REF, Rule  # noqa: F401 (re-exported)
 from tracer.taps import parse_tap
 
-PAIR = "packed-vs-unpacked"
-
-
-VS_REF = {"packed": "packed-vs-reference", "unpacked": "unpacked-vs-reference"}
-
-
-CONTROL = "control-vs-reference"
-"""The control path (a healthy run-dtype forward) against the reference: sets the noise level."""
-
-
-ROUNDED = "rounded-vs-reference"
-"""The reference rounded to the run dtype, against itself: the representation floor."""
 
 
 @dataclass

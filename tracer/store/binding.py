@@ -31,12 +31,14 @@ import zlib
 
 import numpy as np
 
+from tracer.judging.metrics import METRICS
+from tracer.judging.rule import PAIR, ROUNDED, VS_REF
+
 RECORDS = ("meta", "summary")
 """The JSON records (root attributes) a complete trace holds."""
 SEQUENCES = ("ids", "residues", "lengths", "offsets", "pack_order", "cu_seqlens")
-METRICS = ("cos_dist", "rel_l2", "max_abs")
-"""The per-token metrics stored for each pair (:data:`tracer.judging.metrics.METRICS`)."""
-REFERENCE_PAIRS = ("unpacked-vs-reference", "packed-vs-reference", "rounded-vs-reference")
+REFERENCE_PAIRS = (VS_REF["unpacked"], VS_REF["packed"], ROUNDED)
+"""The metric pairs :func:`promised` requires of a trace with a reference, besides :data:`PAIR`."""
 
 
 def new_run_id() -> str:
@@ -83,12 +85,12 @@ def promised(meta: dict) -> set[str]:
     tensors = meta.get("tensors", "full")
     stored = names if tensors == "full" else (meta.get("slim") or {}).get("taps", []) if tensors == "partial" else []
     out |= {f"taps/{p}/{n}" for p in paths for n in stored}
-    pairs = ["packed-vs-unpacked"] + (list(REFERENCE_PAIRS) if meta.get("reference_dtype") else [])
+    pairs = [PAIR] + (list(REFERENCE_PAIRS) if meta.get("reference_dtype") else [])
     out.add("metrics/taps")
     out |= {f"metrics/{pair}/{m}" for pair in pairs for m in METRICS}
     if meta.get("local"):
         out.add("local/taps")
-        out |= {f"local/packed-vs-unpacked/{m}" for m in METRICS}
+        out |= {f"local/{PAIR}/{m}" for m in METRICS}
     if "final_norm" in names:
         out |= {f"embeddings/{p}" for p in paths}
     return out
