@@ -39,7 +39,7 @@ from tracer.judging.pairs import control_label
 from tracer.judging.diagnosis import Diagnoses
 from tracer.plot import MARKER as PLOT_MARKER, plot_trace, use_file_backend
 from tracer.store import files
-from tracer.store.trace_file import TraceWriter, open_trace, reading, to_numpy
+from tracer.store.trace_file import TraceWriter, attr_str, open_trace, reading, to_numpy
 from tracer.taps import EMBED, SITES, parse_tap, tap_name
 
 SLIM = "trace-slim.h5"
@@ -113,17 +113,13 @@ def _write_slim(trace, dest: Path, budget: int) -> list[str]:
             trace.file[group].visititems(lambda name, obj: keys.append(f"{group}/{name}") if hasattr(obj, "shape") else None)
             for key in keys:
                 w.write_array(key, trace.read_small(key), dtype=trace.file[key].dtype)
-        pooled = {p: e for p in ("unpacked", "packed", "reference", "control") if (e := trace.embeddings(p)) is not None}  # checked
+        pooled = {p: trace.embeddings(p) for p in trace.embedding_paths()}  # checked
         if pooled:
-            w.write_embeddings(pooled, _attr(trace.file["embeddings"].attrs.get("pooling", "")))
+            w.write_embeddings(pooled, attr_str(trace.file["embeddings"].attrs.get("pooling", "")))
         w.set_json("meta", meta)
         w.set_json("summary", summary)
         w.commit()
     return chosen
-
-
-def _attr(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _fmt(x, digits=3) -> str:

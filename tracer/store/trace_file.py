@@ -313,7 +313,7 @@ class Trace:
     def __init__(self, path: Path, file: h5py.File):
         self.path = path
         self.file = file
-        self.run_id = _attr_str(file.attrs.get("run_id", ""))
+        self.run_id = attr_str(file.attrs.get("run_id", ""))
         if not self.run_id:
             raise TracerError(f"{path} is damaged: it has no run_id")
         self.meta = self._record("meta")
@@ -324,8 +324,8 @@ class Trace:
         self._check_manifest()
         g = file["sequences"]
         read = {k: self.read_small(f"sequences/{k}") for k in ("ids", "residues", "lengths", "offsets", "pack_order", "cu_seqlens")}
-        ids = [_attr_str(s) for s in read["ids"]]
-        residues = [_attr_str(s) for s in read["residues"]]
+        ids = [attr_str(s) for s in read["ids"]]
+        residues = [attr_str(s) for s in read["residues"]]
         lengths = [int(n) for n in read["lengths"]]
         offsets = [int(n) for n in read["offsets"]]
         try:
@@ -444,7 +444,7 @@ class Trace:
 
     def checked_dtype(self, ds) -> str:
         """The trace dtype of tap dataset ``ds``, after checking its stored type and row count."""
-        dtype = _attr_str(ds.attrs.get("dtype", ""))
+        dtype = attr_str(ds.attrs.get("dtype", ""))
         expected = NUMPY_DTYPES.get(dtype)
         if expected is None or ds.dtype != expected:
             raise TracerError(f"{self.path} is damaged: {ds.name} is stored as {ds.dtype}, not as a {dtype or 'known'} tap")
@@ -493,7 +493,8 @@ class Trace:
         return [g for g in ("metrics", "local") if g in self.file]
 
 
-def _attr_str(v) -> str:
+def attr_str(v) -> str:
+    """An HDF5 string attribute as ``str`` (h5py gives ``bytes`` for some)."""
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
@@ -508,7 +509,7 @@ def checksum_failure(path, name: str) -> str:
 def _json_attr(file: h5py.File, key: str, path: Path, start: int):
     try:
         text = file.attrs[key]
-        if int(file.attrs[f"{key}_crc32"]) & 0xFFFFFFFF != checksum(_attr_str(text), start):
+        if int(file.attrs[f"{key}_crc32"]) & 0xFFFFFFFF != checksum(attr_str(text), start):
             raise TracerError(f"{path} is damaged: its {key} record fails its checksum (altered, or from another trace)")
         return json.loads(text)
     except (KeyError, ValueError, TypeError, OSError):
@@ -544,7 +545,7 @@ def open_trace(path: str | Path) -> Trace:
     except Exception as e:  # h5py raises OSError, but damaged superblocks have given others
         raise TracerError(f"{path} is a damaged or truncated HDF5 file ({_first(e)})") from None
     try:
-        fmt = _attr_str(file.attrs.get("format", ""))
+        fmt = attr_str(file.attrs.get("format", ""))
         if fmt != FORMAT:
             raise TracerError(f"{path} is an HDF5 file but not a tracer trace (no format={FORMAT!r} attribute)")
         version = int(file.attrs.get("schema_version", -1))
