@@ -57,7 +57,7 @@ def test_a_signal_after_the_trace_is_committed_says_it_was_written(tmp_path, cap
     real = run_cli.trace
 
     def then_stopped(*args, **kwargs):
-        result = real(*args, **kwargs)
+        real(*args, **kwargs)  # the trace is committed
         raise Interrupted(sig)  # the signal lands while the verdict is printed
 
     monkeypatch.setattr(run_cli, "trace", then_stopped)
