@@ -293,3 +293,31 @@ def test_loop_over_sequences_is_joined_in_call_order(tmp_path):
         for name in a.taps("packed"):
             if name.endswith(("q_rope", "k_rope", "v")) and name.startswith("layers.0."):
                 assert torch.equal(a.tap("packed", name), b.tap("packed", name)), name
+
+
+BATCH_AXIS = Path(__file__).resolve().parents[1] / "plugins" / "batch_axis_esm2.py"
+
+
+def test_a_batch_axis_of_one_is_traced_like_none(tmp_path):
+    """A forward that carries ``(1, N, E)`` or ``(N, 1, E)`` through fair-esm's modules, and hands
+    ``q_rope`` to ``tracer.tap`` as ``(1, N, E)``, is traced tap for tap like the ``(N, E)`` one."""
+    runs = {lay: run(tmp_path, batch(), name=f"{lay}.h5", dtype="float32", reference="fp64", packed=f"{BATCH_AXIS}:make_forward_{lay}")
+            for lay in ("ne", "1ne", "n1e")}
+    for lay, r in runs.items():
+        assert r.summary.first_divergence is None and not r.notes, lay
+    with open_trace(runs["ne"].path) as a, open_trace(runs["1ne"].path) as b, open_trace(runs["n1e"].path) as c:
+        assert a.taps("packed") == b.taps("packed") == c.taps("packed") == tap_names(6)
+        for name in a.taps("packed"):
+            x = a.tap("packed", name)
+            for other in (b, c):  # the same rows in the same order (float32 GEMMs of other shapes: rounding only)
+                assert torch.allclose(other.tap("packed", name), x, rtol=1e-5, atol=1e-6), name
+
+
+def test_a_bug_in_a_batch_axis_layout_is_found_at_its_token(tmp_path):
+    text = BATCH_AXIS.read_text().replace("pos = positions(cu_seqlens, n)", "pos = torch.arange(n)")
+    path = tmp_path / "batch_axis_bug.py"
+    path.write_text(text)
+    s = run(tmp_path, batch(), dtype="float32", reference="fp64", packed=f"{path}:make_forward_n1e", metrics_only=True).summary
+    fd = s.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
+    assert s.attribution.drifting == "packed"

@@ -183,11 +183,6 @@ class HfObserver(Observer):
             self._attention_modules = None
         super().__exit__(*exc)
 
-    def _token_major(self, name, x):
-        if self.geo.kind == "packed" and x.dim() == 3 and x.shape[0] == 1:
-            x = x[0]  # HF's padding-free row: (1, N, E) -> (N, E)
-        return super()._token_major(name, x)
-
     def attention_interface(self, layer: int, query, key, value, scaling) -> None:
         """HF's ``(B, H, T, d)`` query/key/value as the attention function consumes them."""
         if not self._mine():

@@ -425,11 +425,8 @@ class Observer:
         if g.kind == "padded":
             x = self._padded_rows(name, x, tail, got)
         else:
-            if x.dim() == len(tail) + 2 and x.shape[0] == 1:
-                x = x[0]  # (1, N, ...) -> (N, ...)
-            if head and x.dim() == 2 and x.shape[-1] == g.embed_dim:
-                x = x.view(x.shape[0], g.heads, g.head_dim)  # (N, E) -> (N, H, d)
-            if tuple(x.shape[1:]) != tail:
+            x = _packed_rows(x, tail, g.embed_dim)
+            if x is None:
                 raise _layout_error(name, layer, g.expected(name), got)
         return x
 
@@ -480,6 +477,24 @@ class Observer:
         """After a probe: the source to use per tap (the helper wins, then the attention call)."""
         rank = {"helper": 0, "attention": 1, "module": 2}
         return {name: min(srcs, key=rank.__getitem__) for name, srcs in self.seen.items() if srcs}
+
+
+def _packed_rows(x: torch.Tensor, tail: tuple[int, ...], embed_dim: int) -> torch.Tensor | None:
+    """A packed piece as ``(rows, *tail)``, or ``None`` if its shape cannot be read as one.
+
+    Accepted: ``(N, *tail)``; a batch axis of one on either side of the token axis, ``(1, N,
+    *tail)`` (batch-first, as Hugging Face's padding-free rows) or ``(N, 1, *tail)`` (fair-esm's
+    ``(T, B, ...)`` with ``B = 1``); and a per-head tap with its heads merged, ``(..., E)`` for
+    ``(..., H, d)``. All are views of the same rows, in the same order.
+    """
+    if len(tail) == 2 and x.dim() >= 1 and x.shape[-1] == embed_dim and tuple(x.shape[-2:]) != tail:
+        x = x.unflatten(-1, tail)  # (..., E) -> (..., H, d)
+    lead = tuple(x.shape[: x.dim() - len(tail)])
+    if tuple(x.shape[len(lead):]) != tail or not lead:
+        return None
+    if len(lead) == 2 and 1 in lead:
+        return x.reshape(-1, *tail)  # (1, N, ...) or (N, 1, ...) -> (N, ...)
+    return x if len(lead) == 1 else None
 
 
 def _scaled(q: torch.Tensor, scale: float) -> torch.Tensor:
