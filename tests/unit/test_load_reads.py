@@ -147,3 +147,57 @@ def test_private_copy_reads_the_records_and_keeps_shared_storages(tmp_path, monk
         f.truncate(path.stat().st_size // 3)
     with pytest.raises(TracerError, match="damaged"):
         private_copy(path, mapped)
+
+
+def test_crc32_combine_is_zlibs():
+    import random
+    import zlib
+
+    from tracer.esm.integrity import crc32_combine
+
+    rng = random.Random(0)
+    data = rng.randbytes(300_000)
+    for cut in (0, 1, 7, 4096, 123_457, len(data) - 1, len(data)):
+        a, b = data[:cut], data[cut:]
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data), cut
+
+
+def test_the_digest_is_taken_as_the_bytes_are_read(tmp_path, monkeypatch):
+    """The CRC-32 of every record comes from the read itself (chunks of one record combined):
+    no pass over the weights in memory after the read, for a checkpoint or the random cache,
+    and a byte changed in the file is still refused."""
+    import zlib
+
+    import pytest
+
+    from tracer.errors import TracerError
+    from tracer.esm import checkpoints, integrity, weights_cache
+
+    monkeypatch.setattr(checkpoints, "READ_CHUNK", 4096)  # records span several read jobs
+    monkeypatch.setattr(checkpoints, "CRC_STEP", 1000)
+    path = tmp_path / "c.pt"
+    write_checkpoint(path, build_random(ARCH, 0), ARCH)
+    passes = []
+    monkeypatch.setattr(integrity, "crc32s", lambda buffers: passes.append(len(buffers)) or [zlib.crc32(b) for b in buffers])
+    crcs: dict = {}
+    data = checkpoints.read_checkpoint(path, crcs=crcs)  # zip CRCs checked
+    state = data["model"]
+    assert max(t.nbytes for t in state.values()) > 4 * 4096
+    for t in state.values():
+        assert crcs[t.untyped_storage().data_ptr()] == zlib.crc32(integrity.tensor_bytes(t))
+    cache = tmp_path / "cache" / "w.pt"
+    monkeypatch.setattr(weights_cache, "random_cache_path", lambda arch, seed: cache)
+    cache.parent.mkdir()
+    weights_cache.save_random_cache(build_random(ARCH, 0), ARCH, cache, seed=0)
+    passes.clear()
+    data, why = weights_cache.read_random_cache(cache, ARCH, 0)
+    assert why is None and passes in ([], [0])  # every tensor's CRC came from the read
+    raw = bytearray(cache.read_bytes())
+    name = next(k for k in data["model"] if k.endswith("layers.1.fc1.weight"))
+    offset = raw.index(integrity.tensor_bytes(data["model"][name]).tobytes()[:64]) + 5000
+    raw[offset] ^= 1
+    cache.write_bytes(bytes(raw))
+    assert weights_cache.read_random_cache(cache, ARCH, 0)[1] == f"{name} does not match its digest"
+    path.write_bytes(bytes(raw))  # the same damaged bytes as a checkpoint: its zip CRC check refuses them
+    with pytest.raises(TracerError, match="fail their zip CRC-32 check"):
+        checkpoints.read_checkpoint(path)

@@ -9,6 +9,7 @@ import re
 import socket
 import sys
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def hub_checkpoint_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
 
 
-def read_checkpoint(path: str | Path, trust: bool = False, tensors: bool = True, zip_crcs: bool = True) -> dict:
+def read_checkpoint(path: str | Path, trust: bool = False, tensors: bool = True, zip_crcs: bool = True, crcs: dict | None = None) -> dict:
     """Read a fair-esm checkpoint file once, into private memory, and check what was read.
 
     Unpickled with ``weights_only=True``, allowing only ``argparse.Namespace`` beyond tensors and
@@ -38,7 +39,8 @@ def read_checkpoint(path: str | Path, trust: bool = False, tensors: bool = True,
     under it or kill it with ``SIGBUS`` (:mod:`tracer.esm.integrity`). ``zip_crcs``: check every
     tensor's bytes as loaded against the zip's CRC-32 (from memory, no second read; the random
     cache checks its own digest instead). ``tensors=False``: only the config is wanted
-    (memory-mapped, no tensor byte is read or checked).
+    (memory-mapped, no tensor byte is read or checked). ``crcs``: filled with the CRC-32 of every
+    storage read, by its address (:func:`private_copy`), for a digest check without a second pass.
     """
     path = Path(path)
     if not path.exists():
@@ -61,26 +63,32 @@ def read_checkpoint(path: str | Path, trust: bool = False, tensors: bool = True,
         ) from None
     except Exception as e:  # whatever torch.load raises on a file that is not a checkpoint
         raise TracerError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first_line(e)})") from None
+    read_crcs = {} if crcs is None else crcs
     if is_zip and tensors:
         try:
-            data = private_copy(path, data, trust)
+            data = private_copy(path, data, trust, read_crcs)
         except OSError as e:
             raise TracerError(f"{path} could not be read ({e.strerror or first_line(e)})") from None
     if is_zip and tensors and zip_crcs:
-        integrity.check_zip_records(path, data)  # torch.load does not check them
+        integrity.check_zip_records(path, data, read_crcs)  # torch.load does not check them
     if not isinstance(data, dict):
         raise TracerError(f"{path} is not a fair-esm checkpoint (top level is {type(data).__name__})")
     return data
 
 
 READ_CHUNK = 64 << 20
-"""Bytes per read of a checkpoint's tensor records (parallel reads of 64 MB reach ~17 GB/s on
+"""Bytes per read job of a checkpoint's tensor records (parallel reads of 64 MB reach ~17 GB/s on
 the H200 machine from the page cache; ``torch.load`` without ``mmap`` read 1.6 GB/s there)."""
 
+CRC_STEP = 2 << 20
+"""Bytes per ``preadv`` within a job: each step's CRC-32 is taken while its bytes are still in
+the processor's cache, so the checksum costs no second pass over memory."""
 
-def private_copy(path: Path, data, trust: bool = False):
+
+def private_copy(path: Path, data, trust: bool = False, crcs: dict | None = None):
     """``data`` (``torch.load(path, mmap=True)``) with every tensor's storage read into private
     memory, by parallel ``pread`` s at the offsets the zip lists; the memory map is never read.
+    ``crcs``: filled with ``{storage address: CRC-32 of its bytes}``, computed as they are read.
 
     So the weights are the file's bytes as they were read, whatever happens to the file later,
     a truncation is a short read (one line), never a ``SIGBUS`` in a memory map, and the reads
@@ -108,12 +116,25 @@ def private_copy(path: Path, data, trust: bool = False):
     fd = os.open(path, os.O_RDONLY)
     try:
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            short = [n for n in pool.map(lambda job: _pread(fd, *job), jobs) if n]
+            done = list(pool.map(lambda job: _pread(fd, *job), jobs))
     finally:
         os.close(fd)
+    short = [missing for missing, _ in done if missing]
     if short:
         raise TracerError(f"{path} is damaged: it ended {short[0]} bytes early while it was read (truncated, or changed during the read)")
+    if crcs is not None:
+        crcs.update(_storage_crcs(jobs, done))
     return _swap_storages(data, copies)
+
+
+def _storage_crcs(jobs: list, done: list) -> dict[int, int]:
+    """``{storage address: CRC-32}`` from the jobs' chunk CRCs (jobs of a storage are in order)."""
+    out: dict[int, int] = {}
+    for (storage, _, start), (_, crc) in zip(jobs, done):
+        key = storage.data_ptr()
+        length = min(READ_CHUNK, storage.nbytes() - start)
+        out[key] = crc if start == 0 else integrity.crc32_combine(out[key], crc, length)
+    return out
 
 
 def _map_base(pointers: list[int], offsets: list[int]) -> int | None:
@@ -129,17 +150,19 @@ def _map_base(pointers: list[int], offsets: list[int]) -> int | None:
     return None
 
 
-def _pread(fd: int, storage: torch.UntypedStorage, offset: int, start: int) -> int:
+def _pread(fd: int, storage: torch.UntypedStorage, offset: int, start: int) -> tuple[int, int]:
     """Read bytes ``start:start + READ_CHUNK`` of a record at ``offset`` into ``storage``;
-    returns how many were missing (0: all read)."""
+    returns ``(bytes missing (0: all read), CRC-32 of the bytes read)``."""
     view = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()[start:start + READ_CHUNK]
-    done = 0
+    done, crc = 0, 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + start + done)
+        step = view[done:done + CRC_STEP]
+        n = os.preadv(fd, [step], offset + start + done)
         if n == 0:
-            return len(view) - done
+            return len(view) - done, crc
+        crc = zlib.crc32(step[:n], crc)
         done += n
-    return 0
+    return 0, crc
 
 
 def _swap_storages(obj, copies: dict):

@@ -2,10 +2,12 @@
 
 Checkpoints are read into private memory (``torch.load(mmap=False)``): a run never computes from
 a file mapping that another process could overwrite (values change under the run) or truncate
-(``SIGBUS``). Then the bytes already in memory are checked, with no second read of the file:
+(``SIGBUS``). The bytes are checked as they are read, with no second read of the file and no
+second pass over memory (the read jobs' CRC-32s, joined per record by :func:`crc32_combine`;
+computed from memory only where a load did not take them):
 
-* **a checkpoint** (``--weights`` or fair-esm's hub cache): the CRC-32 of every tensor storage,
-  computed from memory, against the CRC-32 its zip directory records for that record
+* **a checkpoint** (``--weights`` or fair-esm's hub cache): the CRC-32 of every tensor storage
+  against the CRC-32 its zip directory records for that record
   (:func:`check_zip_records`); the small non-tensor records (``data.pkl``, ``version``) are read
   and CRC-checked by :mod:`zipfile`. A damaged byte, or a file that changed while it was read,
   is refused.
@@ -34,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import zipfile
@@ -68,6 +71,44 @@ def crc32s(buffers: list) -> list[int]:
         return list(pool.map(zlib.crc32, buffers))
 
 
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of ``a + b`` from ``crc1 = crc32(a)``, ``crc2 = crc32(b)`` and ``len2 = len(b)``
+    (zlib's ``crc32_combine``, which Python's :mod:`zlib` does not expose): ``crc1`` is carried
+    over ``len2`` zero bytes by a GF(2) operator, cached per length."""
+    return _gf2_apply(_zeros_operator(len2), crc1) ^ crc2
+
+
+def _gf2_apply(matrix: tuple[int, ...], vector: int) -> int:
+    """``matrix`` (32 columns, column ``n`` = image of bit ``n``) times ``vector``."""
+    out, n = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[n]
+        vector >>= 1
+        n += 1
+    return out
+
+
+def _gf2_compose(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The operator ``a`` after ``b``."""
+    return tuple(_gf2_apply(a, column) for column in b)
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_operator(nbytes: int) -> tuple[int, ...]:
+    """The operator that advances a CRC-32 register over ``nbytes`` zero bytes."""
+    power = (0xEDB88320,) + tuple(1 << n for n in range(31))  # one zero bit (reflected polynomial)
+    for _ in range(3):
+        power = _gf2_compose(power, power)  # -> one zero byte
+    result = tuple(1 << n for n in range(32))  # identity
+    while nbytes:
+        if nbytes & 1:
+            result = _gf2_compose(power, result)
+        power = _gf2_compose(power, power)
+        nbytes >>= 1
+    return result
+
+
 def tensor_crc32(t: torch.Tensor) -> int:
     """CRC-32 of a CPU tensor's bytes as stored."""
     return zlib.crc32(tensor_bytes(t))
@@ -85,8 +126,12 @@ def cache_record(state: dict[str, torch.Tensor], key: str) -> dict:
     }
 
 
-def check_cache_record(record, state: dict[str, torch.Tensor], key: str) -> str | None:
-    """``None`` if ``state`` (as loaded) is what ``record`` says tracer wrote for ``key``; else why not."""
+def check_cache_record(record, state: dict[str, torch.Tensor], key: str, known: dict[int, int] | None = None) -> str | None:
+    """``None`` if ``state`` (as loaded) is what ``record`` says tracer wrote for ``key``; else why not.
+
+    ``known``: ``{storage address: CRC-32}`` taken as the bytes were read
+    (:func:`tracer.esm.checkpoints.private_copy`); used for a tensor that is its whole storage.
+    """
     if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT:
         return "it has no tracer digest (written by another tool or an older tracer)"
     if record.get("key") != key:
@@ -95,12 +140,24 @@ def check_cache_record(record, state: dict[str, torch.Tensor], key: str) -> str 
     if not isinstance(listed, dict) or set(listed) != set(state):
         return "its tensors are not the ones its digest lists"
     names = list(state)
-    crcs = crc32s([tensor_bytes(state[n]) for n in names])
+    crcs = _crcs(state, names, known or {})
     for name, crc in zip(names, crcs):
         t = state[name]
         if listed[name] != [str(t.dtype).removeprefix("torch."), list(t.shape), crc]:
             return f"{name} does not match its digest"
     return None
+
+
+def _crcs(state: dict[str, torch.Tensor], names: list[str], known: dict[int, int]) -> list[int]:
+    """CRC-32 of each named tensor's bytes: from ``known`` where the tensor is its whole storage,
+    else computed (in parallel threads)."""
+    def whole(t):
+        s = t.untyped_storage()
+        return t.storage_offset() == 0 and t.is_contiguous() and s.nbytes() == t.numel() * t.element_size() and s.data_ptr() in known
+    out = {n: known[state[n].untyped_storage().data_ptr()] for n in names if whole(state[n])}
+    rest = [n for n in names if n not in out]
+    out.update(zip(rest, crc32s([tensor_bytes(state[n]) for n in rest])))
+    return [out[n] for n in names]
 
 
 class Unusual(Exception):
@@ -127,12 +184,13 @@ def is_data_record(name: str) -> bool:
     return _DATA_RECORD.search(name) is not None
 
 
-def check_zip_records(path, data) -> None:
+def check_zip_records(path, data, known: dict[int, int] | None = None) -> None:
     """Raise :class:`TracerError` unless the tensors of ``data`` (loaded from ``path``, not
     memory-mapped) are byte for byte the records the zip directory lists, by size and CRC-32.
 
-    The CRC-32 of each storage is computed from memory (no second read of the tensor bytes);
-    the non-tensor records are small and are read and checked by :mod:`zipfile`.
+    The CRC-32 of each storage is taken from ``known`` (``{storage address: CRC-32}``, computed
+    as the bytes were read) or else computed from memory: never a second read of the file. The
+    non-tensor records are small and are read and checked by :mod:`zipfile`.
     """
     try:
         with zipfile.ZipFile(path) as z:
@@ -148,8 +206,11 @@ def check_zip_records(path, data) -> None:
         storages_of(data, found)
     except Unusual:  # the model build refuses it with a line naming the tensor (sparse, meta)
         return
+    known = known or {}
     storages = list(found.values())
-    got = Counter(zip((s.nbytes() for s in storages), crc32s([_storage_bytes(s) for s in storages])))
+    todo = [s for s in storages if s.data_ptr() not in known]
+    computed = dict(zip((s.data_ptr() for s in todo), crc32s([_storage_bytes(s) for s in todo])))
+    got = Counter((s.nbytes(), known.get(s.data_ptr(), computed.get(s.data_ptr()))) for s in storages)
     if got != expected:
         bad = sum((got - expected).values()) or sum((expected - got).values())
         raise TracerError(

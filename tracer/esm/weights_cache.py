@@ -105,11 +105,12 @@ def read_random_cache(path: Path, arch: Architecture, seed: int) -> tuple[dict |
     """``(checkpoint data, None)`` if the cache entry at ``path`` is what tracer wrote for
     ``arch`` and ``seed`` (its digest checked on the bytes loaded), else ``(None, why not)``."""
     try:
-        data = read_checkpoint(path, zip_crcs=False)  # its own digest is checked instead
+        crcs: dict[int, int] = {}
+        data = read_checkpoint(path, zip_crcs=False, crcs=crcs)  # its own digest is checked instead, on the CRCs taken as it was read
     except TracerError:
         return None, "it is unreadable"
     state = data.get("model")
-    why = integrity.check_cache_record(data.get("tracer"), state if isinstance(state, dict) else {}, random_cache_key(arch, seed))
+    why = integrity.check_cache_record(data.get("tracer"), state if isinstance(state, dict) else {}, random_cache_key(arch, seed), crcs)
     return (data, None) if why is None else (None, why)
 
 
