@@ -321,3 +321,18 @@ def test_a_bug_in_a_batch_axis_layout_is_found_at_its_token(tmp_path):
     fd = s.first_divergence
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
     assert s.attribution.drifting == "packed"
+
+
+def test_packing_through_fair_esms_own_layers_is_traced_and_its_positions_named(tmp_path):
+    """A packed stream run through fair-esm's unmodified layers (``(N, 1, E)``, block-diagonal
+    mask): q_rope and k_rope are read from fair-esm's own rotary module, the stream-wide positions
+    are found at the second sequence's first token, and attention absorbs them."""
+    spec = f"{Path(__file__).resolve().parents[1] / 'plugins' / 'masked_stream_esm2.py'}:make_forward"
+    r = run(tmp_path, batch(), dtype="float32", reference="fp64", packed=spec, metrics_only=True)
+    s = r.summary
+    assert not r.notes  # every tap captured, q_rope/k_rope included
+    fd = s.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
+    assert s.attribution.drifting == "packed" and s.attribution.unpacked is None
+    d = s.diagnosis.packed
+    assert d.pattern == "sequence-offset" and d.propagates is False and d.absorbed_at == "layers.0.ctx"

@@ -308,7 +308,7 @@ class Observer:
                 return None
             for _, role, layer in roles:
                 if role == "rot_emb":  # fair-esm's own attention: (B*H, T, d) q, k, already scaled
-                    if self.geo.kind == "padded" and isinstance(output, tuple) and len(output) == 2:
+                    if self._one_rotation(output):
                         for site, x in zip(("q_rope", "k_rope"), output):
                             self._offer(tap_name(layer, site), "module", self._bhtd(x))
                 elif isinstance(output, torch.Tensor):
@@ -316,6 +316,14 @@ class Observer:
             return None
 
         return hook
+
+    def _one_rotation(self, output) -> bool:
+        """Whether fair-esm's ``rot_emb`` output is this path's q and k: a padded batch, or a packed
+        stream run through fair-esm's attention as one sequence (``(H, N, d)``; its positions run
+        over the whole stream, as that forward computes them)."""
+        if not (isinstance(output, tuple) and len(output) == 2 and all(isinstance(x, torch.Tensor) and x.dim() == 3 for x in output)):
+            return False
+        return self.geo.kind == "padded" or output[0].shape[0] == self.geo.heads
 
     def _bhtd(self, x: torch.Tensor) -> torch.Tensor:
         bh, t, d = x.shape  # (B*H, T, d)
