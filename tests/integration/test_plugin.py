@@ -336,3 +336,39 @@ def test_packing_through_fair_esms_own_layers_is_traced_and_its_positions_named(
     assert s.attribution.drifting == "packed" and s.attribution.unpacked is None
     d = s.diagnosis.packed
     assert d.pattern == "sequence-offset" and d.propagates is False and d.absorbed_at == "layers.0.ctx"
+
+
+@pytest.fixture
+def fake_flash_attn(monkeypatch):
+    """``import flash_attn`` gives the CPU test double in ``tests/fakes`` (removed afterwards)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "fakes"))
+    yield
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        del sys.modules[name]
+
+
+FLASH_CALLS = {
+    "varlen": "ctx = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=d**-0.5)",
+    "qkvpacked": "ctx = flash_attn_varlen_qkvpacked_func(torch.stack([q, k, v], dim=1), cu_seqlens, max_seqlen, 0.0, d**-0.5)",
+    "kvpacked": "ctx = flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], dim=1), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=d**-0.5)",
+}
+FLASH_IMPORT = "from flash_attn import flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func"
+
+
+@pytest.mark.parametrize("call", list(FLASH_CALLS))
+def test_flash_attn_calls_are_intercepted_whatever_the_packing_of_qkv(tmp_path, fake_flash_attn, call):
+    """flash-attn's varlen functions, q/k/v separate, stacked (``qkv``) or ``q`` + ``kv``, give
+    q_rope (scaled as the kernel scales it), k_rope and v exactly as SDPA with a mask does; a
+    planted position bug is found at its token."""
+    spec = plugin_file(tmp_path, f"flash_{call}", [(CALL, FLASH_CALLS[call])], FLASH_IMPORT)
+    flash = run(tmp_path, batch(), name=f"{call}.h5", dtype="float32", reference="fp64", packed=spec)
+    assert not flash.notes and flash.summary.first_divergence is None
+    seen = run(tmp_path, batch(), name="sdpa.h5", dtype="float32", reference="none", packed=ADAPTER)
+    with open_trace(flash.path) as a, open_trace(seen.path) as b:
+        for name in a.taps("packed"):
+            if name.startswith("layers.0.") and name.endswith(("q_rope", "k_rope", "v")):
+                assert torch.equal(a.tap("packed", name), b.tap("packed", name)), name
+    bug = ("position_ids = create_position_ids_packed(cu_seqlens)", "position_ids = torch.arange(input_ids.shape[0], device=input_ids.device)")
+    spec = plugin_file(tmp_path, f"flash_{call}_bug", [(CALL, FLASH_CALLS[call]), bug], FLASH_IMPORT)
+    fd = run(tmp_path, batch(), name=f"{call}-bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)

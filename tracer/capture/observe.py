@@ -153,6 +153,18 @@ def _name(role: str, layer: int) -> str:
 # The attention functions that are intercepted.
 
 
+FLASH_ATTN_FUNCTIONS = (
+    ("flash_attn_varlen_func", "varlen"),
+    ("flash_attn_varlen_qkvpacked_func", "qkvpacked"),
+    ("flash_attn_varlen_kvpacked_func", "kvpacked"),
+    ("flash_attn_func", "varlen"),
+    ("flash_attn_qkvpacked_func", "qkvpacked"),
+    ("flash_attn_kvpacked_func", "kvpacked"),
+)
+"""flash-attn's functions that are intercepted, and how q, k and v are passed: separately,
+``qkv`` stacked on axis -3 (``(..., 3, H, d)``), or ``q`` and ``kv`` (``(..., 2, H, d)``)."""
+
+
 def _attention_targets() -> list[tuple[str, object, str, str]]:
     """``(label, original, q/k/v arg names joined, scale arg)`` for every importable kernel."""
     targets = []
@@ -161,10 +173,12 @@ def _attention_targets() -> list[tuple[str, object, str, str]]:
     if importlib.util.find_spec("flash_attn") is not None:
         try:
             import flash_attn
-
-            targets.append(("flash_attn_varlen_func", flash_attn.flash_attn_varlen_func, "varlen", "softmax_scale"))
         except Exception:  # installed without a working CUDA build: nothing to intercept
-            pass
+            flash_attn = None
+        for name, kind in FLASH_ATTN_FUNCTIONS:
+            fn = getattr(flash_attn, name, None)
+            if fn is not None:
+                targets.append((name, fn, kind, "softmax_scale"))
     try:
         from torch.nn.attention import varlen
 
@@ -187,6 +201,21 @@ def _bind(fn, args, kwargs) -> dict:
     for role, pname in zip(("q", "k", "v"), names[:3]):
         out[role] = bound.arguments.get(pname)
     return out
+
+
+def _qkv(kind: str, bound: dict) -> tuple:
+    """q, k, v of an attention call's bound arguments (``kind``: :data:`FLASH_ATTN_FUNCTIONS`);
+    ``None`` s where the call does not hold them in the expected form."""
+    first, second = bound.get("q"), bound.get("k")
+    if kind == "qkvpacked":
+        if isinstance(first, torch.Tensor) and first.dim() >= 3 and first.shape[-3] == 3:
+            return tuple(first.unbind(-3))
+        return None, None, None
+    if kind == "kvpacked":
+        if isinstance(second, torch.Tensor) and second.dim() >= 3 and second.shape[-3] == 2:
+            return (first, *second.unbind(-3))
+        return None, None, None
+    return first, second, bound.get("v")
 
 
 class _Patch:
@@ -355,7 +384,7 @@ class Observer:
             a = _bind(original, args, kwargs)
         except TypeError:
             return  # the kernel will raise its own error for these arguments
-        q, k, v = a.get("q"), a.get("k"), a.get("v")
+        q, k, v = _qkv(kind, a)
         if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
             return
         layer = self.current_layer
