@@ -3,7 +3,8 @@
 ``make_forward_1ne`` carries the residual stream as ``(1, N, E)`` (Hugging Face's padding-free
 rows), ``make_forward_n1e`` as ``(N, 1, E)`` (fair-esm's ``(T, B, E)`` with ``B = 1``), and
 ``make_forward_ne`` as ``(N, E)``. Every module hook therefore sees that layout; ``q_rope`` is
-also handed to ``tracer.tap`` with its heads merged, ``(1, N, E)``. Attention is SDPA over the
+also handed to ``tracer.tap`` with its heads merged, ``(1, N, E)``, and the final
+representation is returned in the forward's own layout. Attention is SDPA over the
 packed stream with a block-diagonal mask; RoPE in float32 with the frequencies recomputed.
 """
 
@@ -58,7 +59,7 @@ def make(model, layout: str):
             ctx = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=mask, scale=d**-0.5)
             x = x + a.out_proj(ctx[0].transpose(0, 1).reshape(x.shape))
             x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
-        return model.emb_layer_norm_after(x).reshape(n, -1)
+        return model.emb_layer_norm_after(x)  # in its own layout, batch axis included
 
     return forward
 

@@ -319,8 +319,10 @@ class PluginPath(TracedPath):
                 f"{self.name} plug-in {self.plugin.label} returned a meta tensor (a shape with no data: it was built on "
                 "the 'meta' device, or from weights never loaded); return the computed representation"
             )
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if self.name == "packed" and isinstance(out, torch.Tensor) and out.dim() == 3 and 1 in got[:2] and got[-1] == expect[-1]:
+            out = out.reshape(-1, got[-1])  # a batch axis of one, (1, N, E) or (N, 1, E), as the taps may have
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expect:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise TracerError(
                 f"{self.name} plug-in {self.plugin.label} returned {got}; expected the final representation {expect} "
                 "(after emb_layer_norm_after)"
