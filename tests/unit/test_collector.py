@@ -88,3 +88,30 @@ def test_per_layer_kernels_do_not_grow_with_taps():
     one, eight = _ops_per_layer(1), _ops_per_layer(8)
     assert one == eight, (one, eight)
     assert eight <= 40, eight  # 3 stacks + 2 casts + a rounding (2) + 4 norms + 4 pairs x 6 ops (token_sums)
+
+
+def test_per_layer_schedule_stacks_one_chunk_at_a_time(monkeypatch):
+    """Taps larger than a chunk are stacked one chunk at a time for every pair, and a chunk's
+    stacks are gone before the next is made (the pre-flight's workspace: one chunk per operand);
+    the metrics are those of one stack for the whole layer."""
+    import gc
+
+    from tracer.capture import collector
+
+    names = tap_names(2, globals_=False)
+    taps = _taps(names, ref_dtype=torch.float64)
+    whole = _collect(names, taps, True)
+    peak, sums = [0], collector.token_sums
+
+    def counting(xa, xb, na, nb):  # while a pair is summed: the stacks alive (float64 work dtype, (K, N, F))
+        live = [t for t in gc.get_objects() if type(t) is torch.Tensor and t.dtype == torch.float64 and t.dim() == 3 and t.shape[1:] == (37, 24)]
+        peak[0] = max(peak[0], len(live))
+        return sums(xa, xb, na, nb)
+
+    monkeypatch.setattr(Collector, "chunk_bytes", 1)  # one tap per chunk
+    monkeypatch.setattr(collector, "token_sums", counting)
+    chunked = _collect(names, taps, True)
+    assert 0 < peak[0] <= len(PATHS) + 1, peak  # one stack per operand: the paths and the rounded reference
+    for pair, table in whole.items():
+        for metric, values in table.items():
+            np.testing.assert_array_equal(chunked[pair][metric], values, err_msg=f"{pair} {metric}")

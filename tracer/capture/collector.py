@@ -135,35 +135,55 @@ class Collector:
         """Every pending pair of a layer in a few kernels: per operand one ``(K, N, F)`` stack in
         the working dtype and its norms, shared by every pair it is in; per pair one
         :func:`token_sums` over the stacks. Taps are taken in chunks of at most
-        :attr:`chunk_bytes` per operand (one tap at least), which bounds the workspace."""
-        by_pair: dict[tuple, list[str]] = defaultdict(list)  # (pair, (N, F)) -> taps
+        :attr:`chunk_bytes` per operand (one tap at least), the same chunks for every pair, and a
+        chunk's stacks and taps are let go before the next is stacked: the workspace is one chunk
+        per operand, as the pre-flight estimates."""
+        by_shape: dict[tuple, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))  # (N, F) -> tap -> pairs
         for pair, name in pending:
             x = self.held[self.all_pairs[pair][1]][name]  # the second operand is always a path's own tap
-            by_pair[(pair, (x.shape[0], math.prod(x.shape[1:])))].append(name)
-        stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (operand, taps, dtype) -> (stack, norms)
-
-        def operand(side: str, chunk: tuple[str, ...], work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-            key = (side, chunk, work)
-            if key not in stacks:
-                if side == ROUNDED:
-                    x = round_to(operand("reference", chunk, work)[0], self.dtype)
-                else:
-                    x = torch.stack([self.held[side][n].reshape(self.held[side][n].shape[0], -1) for n in chunk]).to(work)
-                stacks[key] = (x, torch.linalg.vector_norm(x, dim=-1))  # (K, N, F), (K, N)
-            return stacks[key]
-
-        for (pair, _), names in by_pair.items():
-            a, b = self.all_pairs[pair]
-            xb = self.held[b][names[0]]
-            work = work_dtype(xb.dtype if a == ROUNDED else self.held[a][names[0]].dtype, xb.dtype)
-            step = max(1, self.chunk_bytes // max(1, xb.numel() * work.itemsize))
+            by_shape[(x.shape[0], math.prod(x.shape[1:]))][name].append(pair)
+        for (n, f), by_name in by_shape.items():
+            names = list(by_name)
+            pairs = list(dict.fromkeys(pair for name in names for pair in by_name[name]))
+            works = {pair: self._work(pair, names[0]) for pair in pairs}
+            step = max(1, self.chunk_bytes // max(1, n * f * max(w.itemsize for w in works.values())))
             for i in range(0, len(names), step):
-                chunk = tuple(names[i:i + step])
-                (xa, na), (xb, nb) = operand(a, chunk, work), operand(b, chunk, work)
-                for name, sums in zip(chunk, token_sums(xa, xb, na, nb)):  # (K, 5, N)
-                    self.metrics[pair][name] = sums
-        for name in dict.fromkeys(name for _, name in pending):
-            self._release(name)
+                chunk = names[i:i + step]
+                self._flush_chunk(chunk, pairs, works, by_name)
+                for name in chunk:
+                    self._release(name)
+
+    def _work(self, pair: str, name: str) -> torch.dtype:
+        a, b = self.all_pairs[pair]
+        xb = self.held[b][name]
+        return work_dtype(xb.dtype if a == ROUNDED else self.held[a][name].dtype, xb.dtype)
+
+    def _flush_chunk(self, chunk: list[str], pairs: list[str], works: dict, by_name: dict) -> None:
+        """The pairs of one chunk of a layer's taps, each operand stacked once for all its pairs.
+
+        The stacks live in a local dict that nothing else refers to (no closure, no cycle), so
+        they are freed when this returns, not when the garbage collector next runs."""
+        stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (operand, taps, dtype) -> (stack, norms)
+        for pair in pairs:
+            taps = tuple(name for name in chunk if pair in by_name[name])
+            if not taps:
+                continue
+            a, b = self.all_pairs[pair]
+            (xa, na), (xb, nb) = self._operand(stacks, a, taps, works[pair]), self._operand(stacks, b, taps, works[pair])
+            for name, sums in zip(taps, token_sums(xa, xb, na, nb)):  # (K, 5, N)
+                self.metrics[pair][name] = sums
+
+    def _operand(self, stacks: dict, side: str, taps: tuple[str, ...], work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``side``'s taps stacked as ``(K, N, F)`` in ``work``, and their ``(K, N)`` norms, made
+        once per chunk (``stacks``)."""
+        key = (side, taps, work)
+        if key not in stacks:
+            if side == ROUNDED:
+                x = round_to(self._operand(stacks, "reference", taps, work)[0], self.dtype)
+            else:
+                x = torch.stack([self.held[side][t].reshape(self.held[side][t].shape[0], -1) for t in taps]).to(work)
+            stacks[key] = (x, torch.linalg.vector_norm(x, dim=-1))
+        return stacks[key]
 
     def _release(self, name: str) -> None:
         """Drop every held tensor of ``name`` whose pairs are all computed."""
