@@ -151,3 +151,24 @@ def test_a_table_without_the_control_is_refused_by_the_noise_rule_only():
     with pytest.raises(TracerError, match="use --rule plain, or re-run it"):
         judge(t, LAYOUT, IDS, Rule(), CONTEXT)
     assert judge(t, LAYOUT, IDS, Rule(kind="plain", max_rel_l2=1e-2), CONTEXT).verdict == "agree"
+
+
+def test_medians_in_parallel_blocks_are_the_single_call_ones(monkeypatch):
+    """Large tables take their per-row medians in parallel row blocks: identical to one call,
+    NaN/Inf tokens and rows with no finite value included; per-row worst values keep NaN."""
+    import numpy as np
+
+    from tracer.judging import verdict
+
+    rng = np.random.default_rng(0)
+    rows = rng.random((37, 4001)).astype(np.float32)
+    rows[3, 7] = np.nan
+    rows[5, :] = np.nan
+    rows[8, 100] = np.inf
+    whole = verdict._median_rows(rows)
+    monkeypatch.setattr(verdict, "PARALLEL_MEDIAN_ELEMENTS", 1)
+    np.testing.assert_array_equal(verdict._median(rows), whole)
+    np.testing.assert_array_equal(verdict._median(rows[:, :4000]), verdict._median_rows(rows[:, :4000]))  # even count
+    assert np.isnan(whole[5]) and np.isfinite(whole[3]) and np.isfinite(whole[8])
+    worst = verdict._worst(rows)
+    assert np.isnan(worst[3]) and np.isnan(worst[5]) and worst[8] == np.inf and worst[0] == rows[0].max()

@@ -41,7 +41,9 @@ marks the rows that were compared, and missing rows are never judged.
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,8 +84,24 @@ class MetricsTable:
         return np.ones(len(self.taps), dtype=bool)
 
 
+PARALLEL_MEDIAN_ELEMENTS = 1 << 20
+"""Tables at least this large have their per-row medians taken in parallel blocks of rows
+(NumPy's partition releases the GIL; the 3B production table, 290 taps x 25,498 tokens, took
+80 ms per median in one thread); smaller ones in one call, where threads cost more than they save."""
+
+
 def _median(rows: np.ndarray) -> np.ndarray:
-    """Per-row median over the finite values (NaN for a row with none)."""
+    """Per-row median over the finite values (NaN for a row with none); identical whether the
+    rows are taken in one call or in parallel blocks."""
+    workers = min(8, os.cpu_count() or 1, len(rows))
+    if rows.size < PARALLEL_MEDIAN_ELEMENTS or workers < 2:
+        return _median_rows(rows)
+    cuts = np.linspace(0, len(rows), 2 * workers + 1).astype(int)
+    with ThreadPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(lambda i: _median_rows(rows[cuts[i]:cuts[i + 1]]), range(2 * workers))))
+
+
+def _median_rows(rows: np.ndarray) -> np.ndarray:
     if not rows.size:
         return np.full(len(rows), np.nan)
     finite = np.isfinite(rows)
@@ -240,8 +258,7 @@ def _worst(rows: np.ndarray) -> np.ndarray:
     """Per-row max, NaN when any token is NaN (a NaN/Inf value is shown, never skipped)."""
     if not rows.shape[-1]:
         return np.full(len(rows), np.nan)
-    with np.errstate(all="ignore"):
-        return np.where(np.isnan(rows).any(axis=1), np.nan, np.max(np.where(np.isnan(rows), -np.inf, rows), axis=1))
+    return np.max(rows, axis=1)  # NumPy's max propagates NaN: one pass
 
 
 def _tap_stats(table, pair, diverged, bars, noise, floor, drift_masks, compared) -> list[TapStats]:
