@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from tracer.cli import Parser, main_guard
-from tracer.judging.tables import stored_table, summarize
+from tracer.judging.tables import verify
 from tracer.errors import TracerError
 from tracer.judging.pairs import control_label
 from tracer.judging.diagnosis import Diagnoses
@@ -48,13 +48,12 @@ MAX_MB = 1_000_000.0
 """The largest --max-mb taken (1 TB; a bundle is an attachment)."""
 
 
-def _anchor(summary: dict, trace) -> tuple[str, int]:
+def _anchor(summary: dict, trace, table) -> tuple[str, int]:
     """(tap name, sequence index) to centre the tensors on: the first divergence, else the
-    first drift, else the worst token of the last layer."""
+    first drift, else the worst token of the last layer (of ``table``, the stored metrics)."""
     point = summary.get("first_divergence") or ((summary.get("attribution") or {}).get("first"))
     if point:
         return point["name"], point["sequence_index"]
-    table = stored_table(trace)
     rel = table.pairs["packed-vs-unpacked"]["rel_l2"]
     last = max(range(len(table.taps)), key=lambda i: (parse_tap(table.taps[i])[0] or -1, i))
     col = int(np.nanargmax(np.where(np.isfinite(rel[last]), rel[last], np.inf)))
@@ -80,10 +79,11 @@ def candidates(anchor: str, num_layers: int, available: list[str]) -> list[str]:
     return out
 
 
-def _write_slim(trace, dest: Path, budget: int) -> list[str]:
-    """Write the slim trace within ``budget`` bytes of tensors; returns the taps included."""
+def _write_slim(trace, dest: Path, budget: int, anchor: tuple[str, int]) -> list[str]:
+    """Write the slim trace within ``budget`` bytes of tensors around ``anchor`` (:func:`_anchor`);
+    returns the taps included."""
     summary = trace.summary
-    anchor, seq = _anchor(summary, trace)
+    anchor, seq = anchor
     rows = trace.sequence(seq).rows
     paths = trace.paths
     names = candidates(anchor, trace.meta["architecture"]["num_layers"], trace.taps(paths[0]) if paths else [])
@@ -267,7 +267,7 @@ def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.
     _check_destination(trace_path, out, archive, force)
     limit = int(max_mb * MB)
     with open_trace(trace_path) as trace, reading(trace_path):
-        summarize(trace)  # verifies as tracer.compare does (every checksum, the stored summary); nothing is copied before
+        verified = verify(trace)  # as tracer.compare does (every checksum, the stored summary); nothing is copied before
         summary = trace.summary
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -276,14 +276,15 @@ def make_bundle(trace_path: str | Path, out_dir: str | Path, max_mb: float = 25.
             raise TracerError(f"cannot write the bundle in {out.parent}: {e.strerror or e}") from None
         zip_partial = None
         try:
-            plot_trace(trace_path, stage, quiet=quiet, verified=True)
+            plot_trace(trace_path, stage, quiet=quiet, verified=verified)
             (stage / PLOT_MARKER).unlink(missing_ok=True)  # the bundle's plots are its own
             plots = sorted(p.name for p in stage.glob("*.png")) + sorted(p.name for p in stage.glob("*.svg"))
             (stage / "report.md").write_text("placeholder")
             budget = limit - _size(stage) - 4 * 1024 * 1024 - trace.file["metrics"]["packed-vs-unpacked"]["rel_l2"].nbytes * 12
             zip_partial = files.create_partial(archive)
+            anchor = _anchor(summary, trace, verified.stored)
             while True:
-                taps = _write_slim(trace, stage / SLIM, max(budget, 0))
+                taps = _write_slim(trace, stage / SLIM, max(budget, 0), anchor)
                 (stage / "report.md").write_text(report_markdown(summary, trace.meta, trace, taps, plots))
                 _zip(stage, out.name, zip_partial)
                 if (_size(stage) <= limit and zip_partial.stat().st_size <= limit) or not taps:

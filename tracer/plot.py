@@ -42,7 +42,7 @@ from matplotlib.colors import LogNorm
 
 from tracer.store import files
 from tracer.cli import Parser, main_guard
-from tracer.judging.tables import stored_table, summarize
+from tracer.judging.tables import Verified, verify
 from tracer.errors import TracerError
 from tracer.store.trace_file import open_trace, reading
 from tracer.taps import EMBED, FINAL, SITES, parse_tap
@@ -82,17 +82,16 @@ class PlotData:
         return [p for p in PAIR_LABELS if self.table.has(p)]
 
 
-def load(path: str | Path, verify: bool = True) -> PlotData:
+def load(path: str | Path, verified: Verified | None = None) -> PlotData:
     """What the figures need, after verifying the trace as ``tracer.compare`` does (every
     checksum, the manifest, the stored metrics against the tensors and the stored summary
-    against the stored metrics); ``verify=False`` only for a trace just verified by the caller."""
+    against the stored metrics, :func:`tracer.judging.tables.verify`); ``verified``: what the
+    caller's own verification of this trace gave (its stored table is used, not read again)."""
     with open_trace(path) as t, reading(path):
-        if verify:
-            summarize(t)
+        table = (verified or verify(t)).stored
         summary = t.summary
         if summary is None:
             raise TracerError(f"{path} has no stored summary to plot")
-        table = stored_table(t)
         num_layers = t.meta["architecture"]["num_layers"]
         identity = hashlib.sha256(json.dumps(t.meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return PlotData(Path(path), table, summary, [s.id for s in t.sequences], t.layout.offsets.tolist(), num_layers, identity)
@@ -342,10 +341,10 @@ def _check_folder(out: Path, data: PlotData, names: list[str], force: bool) -> N
     raise TracerError(f"{out} holds {present[0]}{more}{of}; pass --force to replace them, or -o to choose another folder")
 
 
-def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool = True, verified: bool = False,
+def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool = True, verified: Verified | None = None,
                force: bool = False) -> Path:
     """Write every figure as PNG and SVG into ``out_dir`` (default: ``<trace>-plots/``), after
-    verifying the trace (:func:`load`; ``verified``: the caller just did).
+    verifying the trace (:func:`load`; ``verified``: the caller just did, and this is what it gave).
 
     A trace of a subset of taps gets the figures its taps allow (no heatmap without per-layer
     taps; the per-sequence curves use ``resid_out``, else the latest site traced). Figures of
@@ -358,7 +357,7 @@ def plot_trace(path: str | Path, out_dir: str | Path | None = None, quiet: bool 
     out = Path(out_dir) if out_dir else Path(path).with_name(Path(path).stem + "-plots")
     if files.exists(out) and not out.is_dir():
         raise TracerError(f"{out} exists and is not a folder; -o names the folder to write the plots into")
-    data = load(path, verify=not verified)
+    data = load(path, verified)
     names = plot_names(data)
     _check_folder(out, data, names, force)
     try:

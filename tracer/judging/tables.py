@@ -209,14 +209,30 @@ def recomputes(trace: Trace, recompute: bool = True) -> bool:
     return recompute and trace.meta.get("tensors", "full") == "full" and {"unpacked", "packed"} <= set(trace.paths)
 
 
-def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) -> Summary:
-    """Judge one trace (recomputing metrics from tensors when it has them), after checking that
-    its stored summary is what its stored metrics give (:func:`check_summary`); the judgement
-    reads every stored pooled embedding, each checked against its checksum.
+@dataclass(frozen=True)
+class Verified:
+    """What :func:`verify` checked, for the readers that go on to use it.
 
-    Every reader that reports from a trace (``compare``, ``plot``, ``bundle``, the campaigns'
-    resume) goes through here, so each verifies as strictly as ``tracer.compare``.
+    Attributes:
+        stored: the stored metric table (checked against its checksums, and against the
+            tensors when the trace has them).
+        table: the table to judge: recomputed from the tensors when the trace has them, else
+            ``stored``.
+        pooled: the pooled embeddings against the reference, each checked.
+        summary: the stored summary as the stored metrics give it, and the rule it was made with.
     """
+
+    stored: MetricsTable
+    table: MetricsTable
+    pooled: dict
+    summary: Summary
+    rule: Rule
+
+
+def verify(trace: Trace, recompute: bool = True) -> Verified:
+    """Every check a report makes before reading a trace: the checksums, the stored metrics
+    against the tensors (when it has them and ``recompute``), and the stored summary against the
+    stored metrics (:func:`check_summary`). Raises :class:`TracerError` (one line) when any fails."""
     stored = stored_table(trace)
     table = stored
     if recomputes(trace, recompute):  # tensors -> stored metrics -> stored summary, each checked
@@ -224,18 +240,29 @@ def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) ->
         cross_check(trace, table, stored)
     pooled = stored_against_reference(trace)  # read and checked once, for both judgements
     checked, checked_rule = check_summary(trace, stored, pooled)
-    has_ref = table.has("packed-vs-reference")
+    return Verified(stored, table, pooled, checked, checked_rule)
+
+
+def summarize(trace: Trace, rule: Rule | None = None, recompute: bool = True) -> Summary:
+    """Judge one trace (recomputing metrics from tensors when it has them), after :func:`verify`;
+    the judgement reads every stored pooled embedding, each checked against its checksum.
+
+    Every reader that reports from a trace (``compare``, ``plot``, ``bundle``, the campaigns'
+    resume) verifies through :func:`verify`, so each is as strict as ``tracer.compare``.
+    """
+    v = verify(trace, recompute)
+    has_ref = v.table.has("packed-vs-reference")
     rule = rule or default_rule(trace.meta["dtype"], has_ref)
     if rule.kind == "noise" and not has_ref:
         raise TracerError(f"{trace.path} has no reference path, so the noise rule cannot apply; use --rule plain")
-    if rule.kind == "noise" and not table.has(CONTROL):
+    if rule.kind == "noise" and not v.table.has(CONTROL):
         raise TracerError(
             f"{trace.path} has no control-path metrics (written before tracer's control path set the noise level), "
             "so the noise rule cannot judge it; use --rule plain, or re-run the trace"
         )
-    if table is stored and rule == checked_rule:  # the very judgement check_summary made
-        return checked
-    return _judge(trace, table, rule, pooled)
+    if v.table is v.stored and rule == v.rule:  # the very judgement check_summary made
+        return v.summary
+    return _judge(trace, v.table, rule, v.pooled)
 
 
 def _judge(trace: Trace, table: MetricsTable, rule: Rule, pooled: dict) -> Summary:
