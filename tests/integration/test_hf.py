@@ -169,3 +169,32 @@ def test_float32_rotary_state_keeps_hf_inv_freq_float32(small_model):
         layer.self_attn.rot_emb.inv_freq = loaded_inv_freq(layer.self_attn.rot_emb).float()
     kept = hf_model.build_hf(model, "sdpa", "to", torch.bfloat16).rotary_embeddings.inv_freq
     assert kept.dtype == torch.float32 and torch.equal(kept, loaded.float())
+
+
+def test_an_hf_model_a_forward_holds_is_found(small_model):
+    """:func:`tracer.capture.hf_paths.held_hf_model`: through the forward's closure, a bound
+    object's attributes, or a model around it (EsmForMaskedLM); two different ones are ambiguous."""
+    from transformers import EsmForMaskedLM
+
+    from tracer.esm import hf_model
+
+    model, _ = small_model
+    hf = hf_model.build_hf(model, "sdpa", "to", torch.float32)
+    other = hf_model.build_hf(model, "sdpa", "to", torch.float32)
+
+    def closure(tokens):
+        return hf(tokens)
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def forward(self, tokens):
+            return self.inner(tokens)
+
+    mlm = EsmForMaskedLM(hf.config)
+    assert hf_paths.held_hf_model(closure) is hf
+    assert hf_paths.held_hf_model(Wrapper(hf).forward) is hf
+    assert hf_paths.held_hf_model(Wrapper(mlm).forward) is mlm.esm
+    assert hf_paths.held_hf_model(lambda tokens: (hf(tokens), other(tokens))) is None
+    assert hf_paths.held_hf_model(lambda tokens: model(tokens)) is None  # fair-esm: its own table

@@ -372,3 +372,22 @@ def test_flash_attn_calls_are_intercepted_whatever_the_packing_of_qkv(tmp_path, 
     spec = plugin_file(tmp_path, f"flash_{call}_bug", [(CALL, FLASH_CALLS[call]), bug], FLASH_IMPORT)
     fd = run(tmp_path, batch(), name=f"{call}-bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
+
+
+HF_TEAM = Path(__file__).resolve().parents[1] / "plugins" / "hf_team_esm2.py"
+
+
+def test_a_users_own_hf_forward_is_read_with_hfs_module_table(tmp_path):
+    """A team's padding-free forward on HF's EsmModel (its own attention function registered in
+    HF): tracer finds the EsmModel the forward holds and captures every tap from HF's modules; a
+    planted position bug is found at its token."""
+    r = run(tmp_path, batch(), name="hf.h5", dtype="float32", reference="fp64", packed=f"{HF_TEAM}:make_forward", metrics_only=True)
+    assert not r.notes and r.summary.first_divergence is None
+    path = tmp_path / "hf_bug.py"
+    path.write_text(HF_TEAM.read_text().replace(
+        "pos = torch.arange(tokens.shape[0], device=tokens.device) - torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)",
+        "pos = torch.arange(tokens.shape[0], device=tokens.device)"))
+    s = run(tmp_path, batch(), name="hf-bug.h5", dtype="float32", reference="fp64", packed=f"{path}:make_forward", metrics_only=True).summary
+    fd = s.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
+    assert s.attribution.drifting == "packed"

@@ -68,8 +68,38 @@ def is_hf(plugin) -> bool:
 
 
 def path_for(plugin: Plugin, model, pack_order: str) -> PluginPath:
-    """The traced path of a plug-in: :class:`HfPath` for an HF one, else :class:`PluginPath`."""
-    return (HfPath if is_hf(plugin) else PluginPath)(plugin, model, pack_order)
+    """The traced path of a plug-in: :class:`HfPath` for tracer's HF one, and for a user's
+    forward that holds an HF ``EsmModel`` (:func:`held_hf_model`: its taps are read with HF's
+    module table); else :class:`PluginPath` (fair-esm's modules)."""
+    if is_hf(plugin):
+        return HfPath(plugin, model, pack_order)
+    path = PluginPath(plugin, model, pack_order)
+    hf = held_hf_model(path.forward)
+    return path if hf is None else HfPath(plugin, model, pack_order, forward=path.forward, hf=hf)
+
+
+def held_hf_model(forward):
+    """The one HF ``EsmModel`` a user's forward holds, else ``None``: looked for in the forward
+    itself, the object it is bound to, its closure, and their attributes (one level), and in
+    the modules of any ``torch.nn.Module`` among them (an ``EsmForMaskedLM`` holds one). Only if
+    the user's code imported HF's ESM; two different models found is ``None`` (ambiguous)."""
+    import sys
+
+    import torch
+
+    modeling = sys.modules.get("transformers.models.esm.modeling_esm")
+    if modeling is None:
+        return None
+    roots = [forward, getattr(forward, "__self__", None)]
+    for cell in getattr(forward, "__closure__", None) or ():
+        try:
+            roots.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    candidates = roots + [v for r in roots if r is not None and not isinstance(r, torch.nn.Module) and hasattr(r, "__dict__")
+                          for v in vars(r).values()]
+    found = {id(m): m for obj in candidates if isinstance(obj, torch.nn.Module) for m in obj.modules() if isinstance(m, modeling.EsmModel)}
+    return next(iter(found.values())) if len(found) == 1 else None
 
 
 def load_side(spec, side: str, config, device, dtype) -> Plugin | None:
@@ -194,14 +224,16 @@ class HfObserver(Observer):
 class HfPath(PluginPath):
     """An HF forward as a traced path: a :class:`PluginPath` whose taps come from :class:`HfObserver`."""
 
-    def __init__(self, plugin: Plugin, model, pack_order: str = "given"):
-        super().__init__(plugin, model, pack_order)
-        self.label = plugin.label  # "hf padded (...)": tracer's own path, not a user's plug-in
+    def __init__(self, plugin: Plugin, model, pack_order: str = "given", forward=None, hf=None):
+        super().__init__(plugin, model, pack_order, forward)
+        self.hf = hf if hf is not None else self.forward.hf
+        if is_hf(plugin):
+            self.label = plugin.label  # "hf padded (...)": tracer's own path, not a user's plug-in
 
     batch_first = True  # HF is batch-first whatever B and T are
 
     def _observe(self, batch, names, record, sources):
-        return HfObserver(self.forward.hf, self._geometry(batch), names, record, sources)
+        return HfObserver(self.hf, self._geometry(batch), names, record, sources)
 
 
 def hf_plugin(side: str, dtype_by: str = "to", attn: str = "sdpa", backend: Backend | None = None, faults: Faults | None = None) -> Plugin:

@@ -280,12 +280,12 @@ class PluginPath(TracedPath):
     """Whether the padded side's tensors are known to be batch-first (else a square ``B x T``
     batch is refused: the layouts could not be told apart)."""
 
-    def __init__(self, plugin: Plugin, model, pack_order: str = "given"):
+    def __init__(self, plugin: Plugin, model, pack_order: str = "given", forward=None):
         self.plugin, self.model = plugin, model
         self.name = plugin.side
         self.label = f"plug-in {plugin.label}"
         self.pack_order = pack_order
-        self.forward = plugin.make(model, model.alphabet)
+        self.forward = forward if forward is not None else plugin.make(model, model.alphabet)  # made once
         self.sources: dict[str, str] | None = None
 
     def _device(self):
