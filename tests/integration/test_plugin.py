@@ -391,3 +391,58 @@ def test_a_users_own_hf_forward_is_read_with_hfs_module_table(tmp_path):
     fd = s.first_divergence
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
     assert s.attribution.drifting == "packed"
+
+
+SORTING_ADAPTER = '''
+def make_forward(model, alphabet):
+    wrapper = PackedESM2Wrapper(model)
+
+    def forward(tokens, cu_seqlens, max_seqlen):
+        """Runs the sequences longest first (as teams batch for their kernels), returns rows in the given order."""
+        lengths, starts = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), cu_seqlens[:-1].tolist()
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        idx = torch.cat([torch.arange(starts[i], starts[i] + lengths[i]) for i in order]).to(tokens.device)
+        cu = torch.tensor([0] + [sum(lengths[i] for i in order[:k + 1]) for k in range(len(order))], dtype=torch.int32, device=tokens.device)
+        out = wrapper.forward_packed(tokens[idx], cu, max_seqlen, repr_layers=[model.num_layers])["representations"][model.num_layers]
+        back = torch.empty_like(out)
+        back[idx] = out
+        return back
+
+    return forward
+'''
+
+
+@pytest.mark.parametrize("pack_order, key, first_shifted", [
+    ("given", "-lengths[i]", "one"),  # runs long, short, one: "long" unshifted, "one" first in the batch's order
+    ("reversed", "lengths[i]", "short"),  # packed long, short, one; runs one, short, long
+])
+def test_a_forward_that_reorders_the_sequences_is_read_in_its_own_order(tmp_path, pack_order, key, first_shifted):
+    """A forward that sorts the sequences by length inside: its taps are put back in the batch's
+    order (read from its call of embed_tokens), so a healthy one agrees everywhere and a planted
+    position bug is found at the batch's first shifted sequence."""
+    adapter = SORTING_ADAPTER.replace("-lengths[i]", key)
+    spec = plugin_file(tmp_path, "sorting", adapter=adapter)
+    r = run(tmp_path, batch(), name="sorting.h5", dtype="float32", reference="fp64", packed=spec, pack_order=pack_order)
+    assert r.summary.first_divergence is None
+    assert r.notes == ["the packed plug-in runs the sequences in its own order (read from its call of embed_tokens); its taps were put back in the batch's order"]
+    seen = run(tmp_path, batch(), name="seen.h5", dtype="float32", reference="none", packed=ADAPTER, pack_order=pack_order)
+    with open_trace(r.path) as a, open_trace(seen.path) as b:
+        for name in ("embed", "layers.0.q_rope", "layers.5.resid_out"):  # the same rows: float32 rounding of another order only
+            x, y = a.tap("packed", name).double(), b.tap("packed", name).double()
+            assert ((x - y).norm(dim=-1) / y.norm(dim=-1)).max() < 1e-5, name
+    bug = ("position_ids = create_position_ids_packed(cu_seqlens)", "position_ids = torch.arange(input_ids.shape[0], device=input_ids.device)")
+    spec = plugin_file(tmp_path, "sorting_bug", [bug], adapter=adapter)
+    fd = run(tmp_path, batch(), name="sorting-bug.h5", dtype="float32", reference="fp64", packed=spec, pack_order=pack_order,
+             metrics_only=True).summary.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", first_shifted, 0)
+
+
+def test_stream_rows_match_sequences_by_content():
+    from tracer.capture.observe import stream_rows
+
+    given, bounds = [0, 5, 2, 0, 7, 0, 5, 2], (0, 3, 5, 8)  # three sequences, the first and last equal
+    assert stream_rows(given, bounds, given, 0) == list(range(8))
+    stream = [0, 7, 0, 5, 2, 0, 5, 2]  # the short one first
+    assert stream_rows(given, bounds, stream, 0) == [2, 3, 4, 0, 1, 5, 6, 7]
+    assert stream_rows(given, bounds, [0, 7, 0, 5, 2, 0, 5, 3], 0) is None  # not the batch's sequences
+    assert stream_rows(given, bounds, [5, 0, 7, 0, 2, 0, 5, 2], 0) is None  # does not start a sequence

@@ -98,6 +98,9 @@ class Geometry:
         embed_dim, heads: E and H.
         to_canonical: packed: ``packed_row_of_canonical`` ``(N,)``; padded: flat ``b * T + t``
             index of every canonical token ``(N,)``; ``None`` = identity.
+        tokens, cu_seqlens: packed: the token ids handed to the forward ``(N,)`` and the sequence
+            bounds, to recognise a forward that runs the sequences in its own order
+            (:meth:`Observer._stream_order`).
     """
 
     kind: str
@@ -107,6 +110,8 @@ class Geometry:
     to_canonical: torch.Tensor | None
     batch: int = 0
     padded_len: int = 0
+    tokens: torch.Tensor | None = None
+    cu_seqlens: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -278,6 +283,9 @@ class Observer:
         self.current_layer: int | None = None
         self.unattributed_attention = 0
         self.attention_calls = 0
+        self.reordered: str | None = None  # how the forward reordered the sequences, if it did
+        self._rows = geometry.to_canonical  # tap rows -> canonical (a reordering forward's own order)
+        self._order_seen = False
         self._handles = []
         self._patch = _Patch()
 
@@ -310,6 +318,9 @@ class Observer:
         return module_roles(self.model)
 
     def _install_hooks(self) -> None:
+        embed = getattr(self.model, "embed_tokens", None)
+        if self.geo.kind == "packed" and self.geo.tokens is not None and isinstance(embed, torch.nn.Module):
+            self._handles.append(embed.register_forward_pre_hook(lambda module, args: self._stream_order(args[0]) if args else None))
         for module, roles in self._roles().values():
             pre = [r for r in roles if r[0] == "pre"]
             post = [r for r in roles if r[0] == "post"]
@@ -353,6 +364,25 @@ class Observer:
         if not (isinstance(output, tuple) and len(output) == 2 and all(isinstance(x, torch.Tensor) and x.dim() == 3 for x in output)):
             return False
         return self.geo.kind == "padded" or output[0].shape[0] == self.geo.heads
+
+    def _stream_order(self, ids) -> None:
+        """The first embedding call of the whole stream: if the forward embeds the batch's
+        sequences in another order (it sorts them by length, say), its taps are read in that
+        order; every tap is put back in the batch's order from then on. Undecidable orders (the
+        stream is not the batch's sequences) are left alone: the return-value check reports them."""
+        if not self._mine() or self._order_seen or not isinstance(ids, torch.Tensor) or ids.numel() != self.geo.n_tokens:
+            return
+        self._order_seen = True
+        flat = ids.reshape(-1)
+        given = self.geo.tokens.to(flat.device)
+        if torch.equal(flat, given):  # the usual case: one comparison on the device
+            return
+        inv = stream_rows(given.tolist(), self.geo.cu_seqlens, flat.tolist(), int(given[0]))
+        if inv is None:
+            return
+        rows = torch.tensor(inv, dtype=torch.long, device=flat.device)  # batch row -> the forward's row
+        self._rows = rows if self.geo.to_canonical is None else rows[self.geo.to_canonical.to(flat.device)]
+        self.reordered = "runs the sequences in its own order"
 
     def _bhtd(self, x: torch.Tensor) -> torch.Tensor:
         bh, t, d = x.shape  # (B*H, T, d)
@@ -450,7 +480,7 @@ class Observer:
             self.seen[name].add(source)
             if self.sources is not None:
                 self.delivered[name] = source
-                self.record(name, self._canonical(full))
+                self.record(name, self._canonical(full, self._rows))
 
     def _token_major(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Bring one captured piece to ``(rows, E)`` / ``(rows, H, d)`` (packed) or canonical (padded)."""
@@ -485,14 +515,16 @@ class Observer:
         raise _layout_error(name, parse_tap(name)[0], (b, t, *tail), got)
 
     def canonical(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One whole tensor of tap ``name`` in the path's layout -> canonical rows (shape-checked)."""
-        return self._canonical(self._token_major(name, x))
+        """The forward's return value, a whole tensor of tap ``name`` in the batch's order ->
+        canonical rows (shape-checked)."""
+        return self._canonical(self._token_major(name, x), self.geo.to_canonical)
 
-    def _canonical(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.geo
-        if g.kind == "padded" or g.to_canonical is None:
+    def _canonical(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Packed rows -> canonical by ``rows`` (``None``: identity): :attr:`_rows` for a tap (the
+        forward's own order, :meth:`_stream_order`), the geometry's for the return value."""
+        if self.geo.kind == "padded" or rows is None:
             return x
-        return x.index_select(0, g.to_canonical.to(x.device))
+        return x.index_select(0, rows.to(x.device))
 
     # -- end of the forward -----------------------------------------------------------------------
     def finish(self) -> None:
@@ -514,6 +546,26 @@ class Observer:
         """After a probe: the source to use per tap (the helper wins, then the attention call)."""
         rank = {"helper": 0, "attention": 1, "module": 2}
         return {name: min(srcs, key=rank.__getitem__) for name, srcs in self.seen.items() if srcs}
+
+
+def stream_rows(given: list[int], bounds: tuple[int, ...], stream: list[int], start_token: int) -> list[int] | None:
+    """For a forward that embeds the batch's sequences in another order: the row of its stream
+    that holds each row of the batch (``None`` when the stream is not the batch's sequences,
+    each starting with ``start_token``, in some order). Equal sequences are matched in order."""
+    cuts = [i for i, t in enumerate(stream) if t == start_token] + [len(stream)]
+    if cuts[0] != 0 or len(cuts) != len(bounds):
+        return None
+    where: dict[tuple, list[int]] = defaultdict(list)  # sequence content -> its starts in the stream
+    for a, b in zip(cuts, cuts[1:]):
+        where[tuple(stream[a:b])].append(a)
+    rows = []
+    for a, b in zip(bounds, bounds[1:]):
+        starts = where.get(tuple(given[a:b]))
+        if not starts:
+            return None
+        start = starts.pop(0)
+        rows.extend(range(start, start + b - a))
+    return rows
 
 
 def _packed_rows(x: torch.Tensor, tail: tuple[int, ...], embed_dim: int) -> torch.Tensor | None:

@@ -295,7 +295,8 @@ class PluginPath(TracedPath):
         m, lay = self.model, batch.layout
         if self.name == "packed":
             to_canonical = None if lay.is_identity else lay.packed_row_of_canonical.to(self._device())
-            return Geometry("packed", lay.n_tokens, m.embed_dim, m.attention_heads, to_canonical)
+            return Geometry("packed", lay.n_tokens, m.embed_dim, m.attention_heads, to_canonical,
+                            tokens=batch.packed, cu_seqlens=tuple(lay.cu_seqlens.tolist()))
         b, t = batch.padded.shape
         if b == t and b > 1 and not self.batch_first:
             raise TracerError(
@@ -366,6 +367,8 @@ class PluginPath(TracedPath):
             note = output_vs_final_norm(self.name, final_tap["x"], final)
             if note:
                 notes.append(note)
+        if obs.reordered:
+            notes.append(f"the {self.name} plug-in {obs.reordered} (read from its call of embed_tokens); its taps were put back in the batch's order")
         if obs.unattributed_attention:
             notes.append(
                 f"{obs.unattributed_attention} attention call(s) came before any q/k/v projection of a layer and "
