@@ -424,7 +424,7 @@ def test_a_forward_that_reorders_the_sequences_is_read_in_its_own_order(tmp_path
     spec = plugin_file(tmp_path, "sorting", adapter=adapter)
     r = run(tmp_path, batch(), name="sorting.h5", dtype="float32", reference="fp64", packed=spec, pack_order=pack_order)
     assert r.summary.first_divergence is None
-    assert r.notes == ["the packed plug-in runs the sequences in its own order (read from its call of embed_tokens); its taps were put back in the batch's order"]
+    assert r.notes == ["the packed plug-in runs the sequences in its own order (read from its call of embed_tokens); its taps were read at the batch's rows, in the batch's order"]
     seen = run(tmp_path, batch(), name="seen.h5", dtype="float32", reference="none", packed=ADAPTER, pack_order=pack_order)
     with open_trace(r.path) as a, open_trace(seen.path) as b:
         for name in ("embed", "layers.0.q_rope", "layers.5.resid_out"):  # the same rows: float32 rounding of another order only
@@ -446,3 +446,41 @@ def test_stream_rows_match_sequences_by_content():
     assert stream_rows(given, bounds, stream, 0) == [2, 3, 4, 0, 1, 5, 6, 7]
     assert stream_rows(given, bounds, [0, 7, 0, 5, 2, 0, 5, 3], 0) is None  # not the batch's sequences
     assert stream_rows(given, bounds, [5, 0, 7, 0, 2, 0, 5, 2], 0) is None  # does not start a sequence
+
+
+PADDING_ADAPTER = '''
+def make_forward(model, alphabet):
+    wrapper = PackedESM2Wrapper(model)
+
+    def forward(tokens, cu_seqlens, max_seqlen):
+        """Pads the stream to a multiple of 16 tokens (one extra padding sequence), as kernels like it."""
+        n = tokens.shape[0]
+        extra = -n % 16 or 16
+        tokens = torch.cat([tokens, tokens.new_full((extra,), model.padding_idx)])
+        cu = torch.cat([cu_seqlens, cu_seqlens.new_tensor([n + extra])])
+        out = wrapper.forward_packed(tokens, cu, max(max_seqlen, extra), repr_layers=[model.num_layers])
+        return out["representations"][model.num_layers][:n]
+
+    return forward
+'''
+
+
+def test_a_forward_that_pads_its_stream_is_read_at_the_batchs_rows(tmp_path):
+    spec = plugin_file(tmp_path, "padding", adapter=PADDING_ADAPTER)
+    r = run(tmp_path, batch(), dtype="float32", reference="fp64", packed=spec, metrics_only=True)
+    assert r.summary.first_divergence is None
+    assert r.notes == ["the packed plug-in pads the stream with 3 token(s) beyond the batch's 61 (read from its call of embed_tokens); "
+                       "its taps were read at the batch's rows, in the batch's order"]
+    bug = ("position_ids = create_position_ids_packed(cu_seqlens)", "position_ids = torch.arange(input_ids.shape[0], device=input_ids.device)")
+    spec = plugin_file(tmp_path, "padding_bug", [bug], adapter=PADDING_ADAPTER)
+    fd = run(tmp_path, batch(), name="bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
+
+
+def test_stream_rows_skip_padding_tokens():
+    from tracer.capture.observe import stream_rows
+
+    given, bounds = [0, 5, 2, 0, 7, 2], (0, 3, 6)
+    assert stream_rows(given, bounds, [0, 5, 2, 1, 1, 0, 7, 2, 1], 0, 1) == [0, 1, 2, 5, 6, 7]
+    assert stream_rows(given, bounds, [1, 0, 7, 2, 0, 5, 2], 0, 1) == [4, 5, 6, 1, 2, 3]
+    assert stream_rows(given, bounds, [0, 5, 2, 3, 0, 7, 2], 0, 1) is None  # 3 is not padding

@@ -285,6 +285,7 @@ class Observer:
         self.attention_calls = 0
         self.reordered: str | None = None  # how the forward reordered the sequences, if it did
         self._rows = geometry.to_canonical  # tap rows -> canonical (a reordering forward's own order)
+        self._stream_len = geometry.n_tokens  # rows of a tap: the forward's stream (a padded one is longer)
         self._order_seen = False
         self._handles = []
         self._patch = _Patch()
@@ -370,19 +371,25 @@ class Observer:
         sequences in another order (it sorts them by length, say), its taps are read in that
         order; every tap is put back in the batch's order from then on. Undecidable orders (the
         stream is not the batch's sequences) are left alone: the return-value check reports them."""
-        if not self._mine() or self._order_seen or not isinstance(ids, torch.Tensor) or ids.numel() != self.geo.n_tokens:
+        if not self._mine() or self._order_seen or not isinstance(ids, torch.Tensor) or ids.numel() < self.geo.n_tokens:
             return
         self._order_seen = True
         flat = ids.reshape(-1)
         given = self.geo.tokens.to(flat.device)
-        if torch.equal(flat, given):  # the usual case: one comparison on the device
+        if flat.numel() == given.numel() and torch.equal(flat, given):  # the usual case: one comparison on the device
             return
-        inv = stream_rows(given.tolist(), self.geo.cu_seqlens, flat.tolist(), int(given[0]))
+        pad = getattr(self.model, "padding_idx", None)
+        inv = stream_rows(given.tolist(), self.geo.cu_seqlens, flat.tolist(), int(given[0]), pad)
         if inv is None:
             return
         rows = torch.tensor(inv, dtype=torch.long, device=flat.device)  # batch row -> the forward's row
         self._rows = rows if self.geo.to_canonical is None else rows[self.geo.to_canonical.to(flat.device)]
-        self.reordered = "runs the sequences in its own order"
+        self._stream_len = flat.numel()
+        moved = inv != sorted(inv)
+        extra = flat.numel() - given.numel()
+        self.reordered = " and ".join(
+            (["runs the sequences in its own order"] if moved else [])
+            + ([f"pads the stream with {extra} token(s) beyond the batch's {given.numel()}"] if extra else []))
 
     def _bhtd(self, x: torch.Tensor) -> torch.Tensor:
         bh, t, d = x.shape  # (B*H, T, d)
@@ -468,11 +475,12 @@ class Observer:
         p = self.pieces[(name, source)]
         p.parts.append(x)
         p.rows += x.shape[0]
-        n = self.geo.n_tokens
+        n = self._stream_len
         if p.rows > n:
             raise TracerError(
-                f"tap {name} ({source}): received {p.rows} token rows over several calls, the batch has {n}; "
-                "is a module called twice per layer?"
+                f"tap {name} ({source}): received {p.rows} token rows, the forward's stream has {n}; "
+                "is a module called twice per layer, or does the forward pad its stream without embedding it "
+                "through model.embed_tokens (where tracer reads a padded or reordered stream)?"
             )
         if p.rows == n:
             full = p.parts[0] if len(p.parts) == 1 else torch.cat(p.parts)
@@ -534,7 +542,7 @@ class Observer:
                 continue
             layer, _ = parse_tap(name)
             raise TracerError(
-                f"tap {name} ({source}): the calls covered {p.rows} of {self.geo.n_tokens} token rows "
+                f"tap {name} ({source}): the calls covered {p.rows} of {self._stream_len} token rows "
                 f"(shapes {[tuple(x.shape) for x in p.parts][:3]}); every token must pass through it once"
             )
 
@@ -548,15 +556,19 @@ class Observer:
         return {name: min(srcs, key=rank.__getitem__) for name, srcs in self.seen.items() if srcs}
 
 
-def stream_rows(given: list[int], bounds: tuple[int, ...], stream: list[int], start_token: int) -> list[int] | None:
-    """For a forward that embeds the batch's sequences in another order: the row of its stream
-    that holds each row of the batch (``None`` when the stream is not the batch's sequences,
-    each starting with ``start_token``, in some order). Equal sequences are matched in order."""
+def stream_rows(given: list[int], bounds: tuple[int, ...], stream: list[int], start_token: int, pad_token: int | None = None) -> list[int] | None:
+    """For a forward that embeds the batch's sequences in another order, or with padding tokens
+    between or after them (a stream padded to a multiple of 8, say): the row of its stream that
+    holds each row of the batch. ``None`` when the stream is not the batch's sequences (each
+    starting with ``start_token``), in some order, plus ``pad_token`` s. Equal sequences are
+    matched in order."""
     cuts = [i for i, t in enumerate(stream) if t == start_token] + [len(stream)]
-    if cuts[0] != 0 or len(cuts) != len(bounds):
+    if any(t != pad_token for t in stream[:cuts[0]]) or len(cuts) != len(bounds):
         return None
     where: dict[tuple, list[int]] = defaultdict(list)  # sequence content -> its starts in the stream
     for a, b in zip(cuts, cuts[1:]):
+        while b > a and stream[b - 1] == pad_token:
+            b -= 1
         where[tuple(stream[a:b])].append(a)
     rows = []
     for a, b in zip(bounds, bounds[1:]):

@@ -368,7 +368,7 @@ class PluginPath(TracedPath):
             if note:
                 notes.append(note)
         if obs.reordered:
-            notes.append(f"the {self.name} plug-in {obs.reordered} (read from its call of embed_tokens); its taps were put back in the batch's order")
+            notes.append(f"the {self.name} plug-in {obs.reordered} (read from its call of embed_tokens); its taps were read at the batch's rows, in the batch's order")
         if obs.unattributed_attention:
             notes.append(
                 f"{obs.unattributed_attention} attention call(s) came before any q/k/v projection of a layer and "
