@@ -484,3 +484,23 @@ def test_stream_rows_skip_padding_tokens():
     assert stream_rows(given, bounds, [0, 5, 2, 1, 1, 0, 7, 2, 1], 0, 1) == [0, 1, 2, 5, 6, 7]
     assert stream_rows(given, bounds, [1, 0, 7, 2, 0, 5, 2], 0, 1) == [4, 5, 6, 1, 2, 3]
     assert stream_rows(given, bounds, [0, 5, 2, 3, 0, 7, 2], 0, 1) is None  # 3 is not padding
+
+
+FUSED_QKV = (
+    "        q = attn.q_proj(y).view(n, h, d)\n        k = attn.k_proj(y).view(n, h, d)\n        v = attn.v_proj(y).view(n, h, d)\n",
+    "        w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # fused q/k/v, one GEMM\n"
+    "        b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])\n"
+    "        q, k, v = F.linear(y, w, b).view(n, 3, h, d).unbind(1)\n",
+)
+
+
+def test_fused_qkv_weights_are_traced(tmp_path):
+    """q/k/v from one fused matrix (the projections never called): attention calls still belong
+    to the layer whose self_attn_layer_norm ran last; a planted position bug is found at its token."""
+    spec = plugin_file(tmp_path, "fused", [FUSED_QKV])
+    r = run(tmp_path, batch(), dtype="float32", reference="fp64", packed=spec, metrics_only=True)
+    assert not r.notes and r.summary.first_divergence is None
+    bug = ("position_ids = create_position_ids_packed(cu_seqlens)", "position_ids = torch.arange(input_ids.shape[0], device=input_ids.device)")
+    spec = plugin_file(tmp_path, "fused_bug", [FUSED_QKV, bug])
+    fd = run(tmp_path, batch(), name="bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)

@@ -34,6 +34,7 @@ def test_table_is_pinned():
         ("layer_mark", "pre", 0, "TBE", 0, False, True, True),
         ("layer_mark", "pre", 0, "TBE", 0, False, True, True),
         ("layer_mark", "pre", 0, "TBE", 0, False, True, True),
+        ("layer_mark", "pre", 0, "TBE", 0, False, True, True),
     ]
 
 
@@ -45,8 +46,8 @@ def test_observer_roles_per_module(model):
     by_module = {id(m): (m, sorted(r)) for m, r in module_roles(model).values()}
     l0, l1 = model.layers
     expect = {
-        id(l0.self_attn_layer_norm): [("pre", EMBED, -1)],
-        id(l1.self_attn_layer_norm): [("pre", "resid_out", 0)],
+        id(l0.self_attn_layer_norm): [("pre", EMBED, -1), ("pre", "layer_mark", 0)],
+        id(l1.self_attn_layer_norm): [("pre", "layer_mark", 1), ("pre", "resid_out", 0)],
         id(l1.final_layer_norm): [("pre", "resid_mid", 1)],
         id(l1.self_attn.out_proj): [("post", "attn_out", 1), ("pre", "ctx", 1)],
         id(l1.fc2): [("post", "ffn_out", 1)],

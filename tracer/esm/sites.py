@@ -73,6 +73,7 @@ SITES_TABLE: tuple[ModuleSite, ...] = (
     ModuleSite("layer_mark", _attn("q_proj"), "pre", 0, "TBE", observed=True),
     ModuleSite("layer_mark", _attn("k_proj"), "pre", 0, "TBE", observed=True),
     ModuleSite("layer_mark", _attn("v_proj"), "pre", 0, "TBE", observed=True),
+    ModuleSite("layer_mark", lambda m, i: m.layers[i].self_attn_layer_norm, "pre", 0, "TBE", observed=True),  # fused q/k/v weights skip the projections
 )
 """Every module <-> tap row (see :class:`ModuleSite`); a test pins it."""
 
