@@ -17,25 +17,33 @@ forward):
    ``layers[i].self_attn.out_proj``            output    ``layers.{i}.attn_out``
    ``layers[i].fc2``                           output    ``layers.{i}.ffn_out``
    ``layers[i].self_attn.v_proj``              output    ``layers.{i}.v`` (when no attention call is seen)
-   ``layers[i].self_attn.rot_emb``             output    ``q_rope``/``k_rope`` (padded paths calling
-                                                         fair-esm's own attention module)
-   ``layers[i].self_attn.{q,k,v}_proj``        input     marks layer ``i`` as the current attention layer
+   ``layers[i].self_attn.rot_emb``             output    ``q_rope``/``k_rope`` (forwards calling
+                                                         fair-esm's own attention module: a padded
+                                                         batch, or the packed stream as one sequence)
+   ``layers[i].self_attn_layer_norm``,         input     marks layer ``i`` as the current attention layer
+   ``layers[i].self_attn.{q,k,v}_proj``
+   ``embed_tokens``                            input     the forward's own token stream (below)
    ==========================================  ========  ==========================================
 
-2. **The attention call**: ``flash_attn_varlen_func``, ``torch.nn.attention.varlen.varlen_attn``
-   and ``torch.nn.functional.scaled_dot_product_attention`` are replaced, for the duration of
-   the path, by wrappers that record q, k, v as the kernel consumes them and call the original
-   with the very same arguments. The replacement is made in every loaded module that holds the
-   function, so a module that did ``from flash_attn import flash_attn_varlen_func`` is covered.
-   The softmax scale the kernel applies (its argument, or its default ``head_dim ** -0.5``) is
-   recorded and ``q_rope`` is stored in fair-esm's convention, ``q * scale``, so it compares
-   with the unpacked path. Layouts: ``(N, H, d)`` (varlen kernels), ``(1, H, N, d)`` and
-   ``(H, N, d)`` (SDPA over the packed stream), ``(B, H, T, d)`` (SDPA over a padded batch).
-   Calls that cover part of the tokens (a loop over sequences) are concatenated in call order.
+2. **The attention call** (:mod:`tracer.capture.intercept`): flash-attn's functions,
+   ``torch.nn.attention.varlen.varlen_attn`` and ``torch.nn.functional.scaled_dot_product_attention``
+   are replaced, for the duration of the path, by wrappers that record q, k, v as the kernel
+   consumes them and call the original with the very same arguments. The softmax scale the
+   kernel applies (its argument, or its default ``head_dim ** -0.5``) is recorded and ``q_rope``
+   is stored in fair-esm's convention, ``q * scale``, so it compares with the unpacked path.
+   Layouts: ``(N, H, d)`` (varlen kernels), ``(1, H, N, d)`` and ``(H, N, d)`` (SDPA over the
+   packed stream), ``(B, H, T, d)`` (SDPA over a padded batch). Calls that cover part of the
+   tokens (a loop over sequences) are concatenated in call order.
 
 3. **The one-line helper** :func:`tap` for values computed functionally or by a kernel the
    tool cannot see: ``tracer.tap("q_rope", i, q, scale=s)``. It returns its tensor and costs one
    attribute read when no trace is active.
+
+Packed tensors may come as ``(N, ...)`` or with a batch axis of one (``(1, N, ...)``,
+``(N, 1, ...)``), per-head ones with their heads merged (:func:`_packed_rows`). A forward that
+embeds the batch's sequences in its own order, or pads its stream with padding tokens, is read
+as it runs: its ``embed_tokens`` call gives the order (:func:`stream_rows`), and every tap is
+read at the batch's rows.
 
 Whatever could not be captured is reported by name with the line that would capture it
 (:func:`missing_advice`). A tap seen from more than one source keeps the helper's value
@@ -54,14 +62,13 @@ Example::
 
 from __future__ import annotations
 
-import inspect
-import sys
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
+from tracer.capture.intercept import Patch, attention_targets, bind, qkv_of
 from tracer.errors import TracerError
 from tracer.esm.sites import observed_sites
 from tracer.taps import EMBED, FINAL, HEAD_SITES, SITES, parse_tap, tap_name
@@ -155,105 +162,6 @@ def _name(role: str, layer: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The attention functions that are intercepted.
-
-
-FLASH_ATTN_FUNCTIONS = (
-    ("flash_attn_varlen_func", "varlen"),
-    ("flash_attn_varlen_qkvpacked_func", "qkvpacked"),
-    ("flash_attn_varlen_kvpacked_func", "kvpacked"),
-    ("flash_attn_func", "varlen"),
-    ("flash_attn_qkvpacked_func", "qkvpacked"),
-    ("flash_attn_kvpacked_func", "kvpacked"),
-)
-"""flash-attn's functions that are intercepted, and how q, k and v are passed: separately,
-``qkv`` stacked on axis -3 (``(..., 3, H, d)``), or ``q`` and ``kv`` (``(..., 2, H, d)``)."""
-
-
-def _attention_targets() -> list[tuple[str, object, str, str]]:
-    """``(label, original, q/k/v arg names joined, scale arg)`` for every importable kernel."""
-    targets = []
-    import importlib.util
-
-    if importlib.util.find_spec("flash_attn") is not None:
-        try:
-            import flash_attn
-        except Exception:  # installed without a working CUDA build: nothing to intercept
-            flash_attn = None
-        for name, kind in FLASH_ATTN_FUNCTIONS:
-            fn = getattr(flash_attn, name, None)
-            if fn is not None:
-                targets.append((name, fn, kind, "softmax_scale"))
-    try:
-        from torch.nn.attention import varlen
-
-        targets.append(("varlen_attn", varlen.varlen_attn, "varlen", "scale"))
-    except ImportError:
-        pass
-    targets.append(("scaled_dot_product_attention", torch.nn.functional.scaled_dot_product_attention, "sdpa", "scale"))
-    return targets
-
-
-def _bind(fn, args, kwargs) -> dict:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins without a signature: SDPA's documented one
-        sig = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None)
-    bound = sig.bind(*args, **kwargs)
-    names = list(sig.parameters)
-    out = dict(bound.arguments)
-    # first three positional parameters are q, k, v whatever they are called
-    for role, pname in zip(("q", "k", "v"), names[:3]):
-        out[role] = bound.arguments.get(pname)
-    return out
-
-
-def _qkv(kind: str, bound: dict) -> tuple:
-    """q, k, v of an attention call's bound arguments (``kind``: :data:`FLASH_ATTN_FUNCTIONS`);
-    ``None`` s where the call does not hold them in the expected form."""
-    first, second = bound.get("q"), bound.get("k")
-    if kind == "qkvpacked":
-        if isinstance(first, torch.Tensor) and first.dim() >= 3 and first.shape[-3] == 3:
-            return tuple(first.unbind(-3))
-        return None, None, None
-    if kind == "kvpacked":
-        if isinstance(second, torch.Tensor) and second.dim() >= 3 and second.shape[-3] == 2:
-            return (first, *second.unbind(-3))
-        return None, None, None
-    return first, second, bound.get("v")
-
-
-class _Patch:
-    """Replace ``original`` by ``wrapper`` in every loaded module's namespace; undo in :meth:`undo`."""
-
-    def __init__(self):
-        self.done: list[tuple[dict, str, object]] = []
-
-    def apply(self, replacements: dict[int, object], extra_namespaces=()) -> None:
-        spaces = []
-        for module in list(sys.modules.values()):
-            d = getattr(module, "__dict__", None)
-            if isinstance(d, dict):
-                spaces.append(d)
-        spaces += [d for d in extra_namespaces if isinstance(d, dict)]
-        seen = set()
-        for d in spaces:
-            if id(d) in seen:
-                continue
-            seen.add(id(d))
-            for key, value in list(d.items()):
-                wrapper = replacements.get(id(value))
-                if wrapper is not None:
-                    self.done.append((d, key, value))
-                    d[key] = wrapper
-
-    def undo(self) -> None:
-        while self.done:
-            d, key, value = self.done.pop()
-            d[key] = value
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class Observer:
@@ -288,7 +196,7 @@ class Observer:
         self._stream_len = geometry.n_tokens  # rows of a tap: the forward's stream (a padded one is longer)
         self._order_seen = False
         self._handles = []
-        self._patch = _Patch()
+        self._patch = Patch()
 
     # -- context ------------------------------------------------------------------------------
     def __enter__(self) -> "Observer":
@@ -397,7 +305,7 @@ class Observer:
 
     def _install_attention(self) -> None:
         replacements = {}
-        for label, original, kind, scale_arg in _attention_targets():
+        for label, original, kind, scale_arg in attention_targets():
             replacements[id(original)] = self._wrap(label, original, kind, scale_arg)
         self._patch.apply(replacements, self.namespaces)
 
@@ -418,10 +326,10 @@ class Observer:
     def _attention(self, original, kind, scale_arg, args, kwargs) -> None:
         self.attention_calls += 1
         try:
-            a = _bind(original, args, kwargs)
+            a = bind(original, args, kwargs)
         except TypeError:
             return  # the kernel will raise its own error for these arguments
-        q, k, v = _qkv(kind, a)
+        q, k, v = qkv_of(kind, a)
         if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
             return
         layer = self.current_layer
