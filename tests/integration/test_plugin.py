@@ -504,3 +504,31 @@ def test_fused_qkv_weights_are_traced(tmp_path):
     spec = plugin_file(tmp_path, "fused_bug", [FUSED_QKV, bug])
     fd = run(tmp_path, batch(), name="bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
+
+
+def test_shorter_factory_and_forward_signatures_are_taken(tmp_path):
+    """``make_forward(model)`` and ``forward(tokens, cu_seqlens)``: the arguments they do not
+    take are left out; the trace is the example's."""
+    adapter = (
+        "def make_forward(model):\n"
+        "    wrapper = PackedESM2Wrapper(model)\n"
+        "    def forward(tokens, cu_seqlens):\n"
+        "        lengths = cu_seqlens[1:] - cu_seqlens[:-1]\n"
+        "        out = wrapper.forward_packed(tokens, cu_seqlens, int(lengths.max()), repr_layers=[model.num_layers])\n"
+        "        return out['representations'][model.num_layers]\n"
+        "    return forward\n"
+    )
+    r = run(tmp_path, batch(), dtype="float32", reference="fp64", packed=plugin_file(tmp_path, "short", adapter=adapter), metrics_only=True)
+    assert not r.notes and r.summary.first_divergence is None
+
+
+def test_fitted_arguments():
+    from tracer.capture.plugin import fitted
+
+    args = (1, 2, 3)
+    assert fitted(lambda a, b, c: 0, args, 2) == args
+    assert fitted(lambda a, b: 0, args, 2) == (1, 2)
+    assert fitted(lambda a: 0, args, 2) == args  # fewer than allowed: passed whole, the call fails by itself
+    assert fitted(lambda *a: 0, args, 2) == args
+    assert fitted(lambda a, b, c=0, *, d=1: 0, args, 2) == args
+    assert fitted(max, args, 2) == args  # no signature

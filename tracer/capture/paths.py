@@ -34,7 +34,7 @@ from tracer.inputs.faults import Faults
 from tracer.capture.observe import Geometry, Observer
 from tracer.esm.packed_forward import PackedESM2
 from tracer.inputs.packing import Layout, pack_order
-from tracer.capture.plugin import Plugin
+from tracer.capture.plugin import Plugin, fitted
 from tracer.inputs.sequences import Sequence, make_batch
 from tracer.taps import FINAL
 from tracer.capture.hooks import Record, tap_packed, tap_unpacked
@@ -310,7 +310,7 @@ class PluginPath(TracedPath):
         device = self._device()
         if self.name == "packed":
             lay = batch.layout
-            args = (batch.packed.to(device), lay.cu_seqlens.to(device), lay.max_seqlen)
+            args = fitted(self.forward, (batch.packed.to(device), lay.cu_seqlens.to(device), lay.max_seqlen), 2)
         else:
             args = (batch.padded.to(device),)
         out = self.plugin.call(self.forward, *args)

@@ -2,10 +2,11 @@
 
 A SPEC is ``builtin`` (the packed default), ``fair-esm`` (the unpacked default),
 ``package.module:factory`` or ``path/to/file.py:factory``; the Python API also takes the
-factory itself. The factory is called as ``factory(model, alphabet)`` with the loaded fair-esm
+factory itself. The factory is called as ``factory(model, alphabet)`` (or ``factory(model)``) with the loaded fair-esm
 model already in the run dtype and on the run device, and returns the forward:
 
-* packed: ``forward(tokens, cu_seqlens, max_seqlen) -> (N, E)``: ``tokens`` int64 ``(N,)`` in
+* packed: ``forward(tokens, cu_seqlens, max_seqlen) -> (N, E)`` (or ``forward(tokens,
+  cu_seqlens)``): ``tokens`` int64 ``(N,)`` in
   pack order, ``cu_seqlens`` int32 ``(B + 1,)``, both on the model's device; the result is the
   final representation (after ``emb_layer_norm_after``), one row per token.
 * unpacked: ``forward(tokens) -> (B, T, E)``: fair-esm's padded ``(B, T)`` batch.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import traceback
@@ -57,8 +59,9 @@ class Plugin:
     namespace: dict | None = None
 
     def make(self, model, alphabet) -> Callable:
-        """Call the factory; the forward it returns, checked to be callable."""
-        forward = self.call(self.factory, model, alphabet, what="factory")
+        """Call the factory (``factory(model, alphabet)``, or ``factory(model)`` if it takes one
+        argument); the forward it returns, checked to be callable."""
+        forward = self.call(self.factory, *fitted(self.factory, (model, alphabet), 1), what="factory")
         if not callable(forward):
             raise TracerError(
                 f"{self.side} plug-in {self.label}: the factory returned {type(forward).__name__}, "
@@ -77,6 +80,20 @@ class Plugin:
                 f"{self.side} plug-in {self.label} raised {type(e).__name__} in its {what}: "
                 f"{first_line(e)}{_where(e)}"
             ) from None
+
+
+def fitted(fn, args: tuple, fewest: int) -> tuple:
+    """``args``, less the trailing ones ``fn`` does not take (down to ``fewest``): a factory
+    ``make(model)`` gets no alphabet, a packed ``forward(tokens, cu_seqlens)`` no ``max_seqlen``.
+    Anything else is passed whole, and a mismatch is the plug-in's own one-line error."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass everything
+        return args
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return args
+    taken = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    return args[:taken] if fewest <= taken < len(args) else args
 
 
 _SIGNATURE = {
