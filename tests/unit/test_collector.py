@@ -47,7 +47,7 @@ def _collect(names, taps, per_layer, skip=()):
 def test_per_layer_schedule_gives_the_per_pair_metrics(ref_dtype):
     names = tap_names(3, globals_=False)
     taps = _taps(names, ref_dtype=ref_dtype)
-    skip = {("packed", "layers.1.v"), ("packed", "layers.2.ctx")}  # a plug-in that does not expose every tap
+    skip = {("packed", "layers.0.q_rope"), ("packed", "layers.1.v"), ("packed", "layers.2.ctx")}  # a plug-in that does not expose every tap (a layer's first one too)
     per_pair, per_layer = _collect(names, taps, False, skip), _collect(names, taps, True, skip)
     assert set(per_pair) == set(per_layer) == {"packed-vs-unpacked", "unpacked-vs-reference", "packed-vs-reference", ROUNDED}
     for pair, table in per_pair.items():
@@ -115,3 +115,18 @@ def test_per_layer_schedule_stacks_one_chunk_at_a_time(monkeypatch):
     for pair, table in whole.items():
         for metric, values in table.items():
             np.testing.assert_array_equal(chunked[pair][metric], values, err_msg=f"{pair} {metric}")
+
+
+def test_per_layer_schedule_with_a_first_tap_one_path_lacks():
+    """Whatever order the paths arrive in, a pair's working dtype comes from a tap it has."""
+    names = ["layers.0.resid_mid", "layers.0.resid_out"]
+    c = Collector(names, PATHS, torch.bfloat16, per_layer=True)
+    x = torch.randn(5, 8)
+    for name in names:
+        c.add("reference", name, x.double())
+    for name in names:
+        c.add("unpacked", name, x.bfloat16())
+    c.add("packed", "layers.0.resid_out", x.bfloat16())  # the plug-in did not capture resid_mid
+    c.flush()
+    assert sorted(c.metrics["packed-vs-unpacked"]) == ["layers.0.resid_out"]
+    assert sorted(c.metrics["unpacked-vs-reference"]) == names

@@ -145,7 +145,7 @@ class Collector:
         for (n, f), by_name in by_shape.items():
             names = list(by_name)
             pairs = list(dict.fromkeys(pair for name in names for pair in by_name[name]))
-            works = {pair: self._work(pair, names[0]) for pair in pairs}
+            works = {pair: self._work(pair, next(name for name in names if pair in by_name[name])) for pair in pairs}  # from a tap the pair has
             step = max(1, self.chunk_bytes // max(1, n * f * max(w.itemsize for w in works.values())))
             for i in range(0, len(names), step):
                 chunk = names[i:i + step]
