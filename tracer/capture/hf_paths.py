@@ -137,7 +137,7 @@ class _Dispatch:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.observers: dict[int, tuple["HfObserver", int]] = {}  # id(attention module) -> (observer, layer)
+        self.observers: dict[int, list[tuple["HfObserver", int]]] = {}  # id(attention module) -> [(observer, layer)]
         self.saved = None
         self.users = 0
 
@@ -145,21 +145,23 @@ class _Dispatch:
         from transformers.models.esm import modeling_esm
 
         with self.lock:
-            for key, layer in modules.items():
-                if key in self.observers:
-                    raise RuntimeError("this HF model is already being traced")
-                self.observers[key] = (observer, layer)
+            for key, layer in modules.items():  # two paths may share a model (one per lockstep thread)
+                self.observers.setdefault(key, []).append((observer, layer))
             if self.users == 0:
                 self.saved = modeling_esm.ALL_ATTENTION_FUNCTIONS
                 modeling_esm.ALL_ATTENTION_FUNCTIONS = _View(self.saved, self)
             self.users += 1
 
-    def leave(self, modules: dict[int, int]) -> None:
+    def leave(self, observer: "HfObserver", modules: dict[int, int]) -> None:
         from transformers.models.esm import modeling_esm
 
         with self.lock:
             for key in modules:
-                self.observers.pop(key, None)
+                left = [entry for entry in self.observers.get(key, []) if entry[0] is not observer]
+                if left:
+                    self.observers[key] = left
+                else:
+                    self.observers.pop(key, None)
             self.users -= 1
             if self.users == 0:
                 modeling_esm.ALL_ATTENTION_FUNCTIONS = self.saved
@@ -177,9 +179,8 @@ class _View:
         dispatch = self.dispatch
 
         def recorded(module, query, key, value, *args, **kwargs):
-            found = dispatch.observers.get(id(module))
-            if found is not None:
-                found[0].attention_interface(found[1], query, key, value, kwargs.get("scaling"))
+            for observer, layer in dispatch.observers.get(id(module), ()):  # each records only in its own thread
+                observer.attention_interface(layer, query, key, value, kwargs.get("scaling"))
             return fn(module, query, key, value, *args, **kwargs)
 
         return recorded
@@ -209,7 +210,7 @@ class HfObserver(Observer):
 
     def __exit__(self, *exc) -> None:
         if getattr(self, "_attention_modules", None) is not None:
-            _DISPATCH.leave(self._attention_modules)
+            _DISPATCH.leave(self, self._attention_modules)
             self._attention_modules = None
         super().__exit__(*exc)
 
@@ -232,7 +233,23 @@ class HfPath(PluginPath):
 
     batch_first = True  # HF is batch-first whatever B and T are
 
+    def capturable(self, names: list[str]) -> list[str]:
+        """As a plug-in's; a user's forward whose HF calls do not fit the path's layout (it runs HF
+        on a padded batch inside a packed forward, say) is observed through fair-esm's modules
+        instead, where it captures what it captures (never a failed run)."""
+        if is_hf(self.plugin):
+            return super().capturable(names)
+        try:
+            return super().capturable(names)
+        except TracerError as e:
+            if not getattr(e, "layout_mismatch", False):
+                raise
+            self.hf = None
+            return super().capturable(names)
+
     def _observe(self, batch, names, record, sources):
+        if self.hf is None:
+            return super()._observe(batch, names, record, sources)
         return HfObserver(self.hf, self._geometry(batch), names, record, sources)
 
 

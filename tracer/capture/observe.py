@@ -195,6 +195,8 @@ class Observer:
         self._rows = geometry.to_canonical  # tap rows -> canonical (a reordering forward's own order)
         self._stream_len = geometry.n_tokens  # rows of a tap: the forward's stream (a padded one is longer)
         self._order_seen = False
+        self._moved = False
+        self._in_attention: int | None = None  # the layer whose fair-esm attention module is running
         self._handles = []
         self._patch = Patch()
 
@@ -230,6 +232,11 @@ class Observer:
         embed = getattr(self.model, "embed_tokens", None)
         if self.geo.kind == "packed" and self.geo.tokens is not None and isinstance(embed, torch.nn.Module):
             self._handles.append(embed.register_forward_pre_hook(lambda module, args: self._stream_order(args[0]) if args else None))
+        for i, layer in enumerate(getattr(self.model, "layers", ())):  # fair-esm's own attention modules running
+            attn = getattr(layer, "self_attn", None)
+            if isinstance(attn, torch.nn.Module):
+                self._handles.append(attn.register_forward_pre_hook(lambda module, args, i=i: self._attention_running(i)))
+                self._handles.append(attn.register_forward_hook(lambda module, args, output: self._attention_running(None)))
         for module, roles in self._roles().values():
             pre = [r for r in roles if r[0] == "pre"]
             post = [r for r in roles if r[0] == "post"]
@@ -257,7 +264,7 @@ class Observer:
                 return None
             for _, role, layer in roles:
                 if role == "rot_emb":  # fair-esm's own attention: (B*H, T, d) q, k, already scaled
-                    if self._one_rotation(output):
+                    if self._in_attention == layer and self._one_rotation(output):  # called by that attention, not by the user
                         for site, x in zip(("q_rope", "k_rope"), output):
                             self._offer(tap_name(layer, site), "module", self._bhtd(x))
                 elif isinstance(output, torch.Tensor):
@@ -265,6 +272,10 @@ class Observer:
             return None
 
         return hook
+
+    def _attention_running(self, layer: int | None) -> None:
+        if self._mine():
+            self._in_attention = layer
 
     def _one_rotation(self, output) -> bool:
         """Whether fair-esm's ``rot_emb`` output is this path's q and k: a padded batch, or a packed
@@ -282,6 +293,8 @@ class Observer:
         if not self._mine() or self._order_seen or not isinstance(ids, torch.Tensor) or ids.numel() < self.geo.n_tokens:
             return
         self._order_seen = True
+        if ids.dim() > 2 or (ids.dim() == 2 and 1 not in ids.shape):  # a padded (B, T) batch, unpadded later: not a stream
+            return
         flat = ids.reshape(-1)
         given = self.geo.tokens.to(flat.device)
         if flat.numel() == given.numel() and torch.equal(flat, given):  # the usual case: one comparison on the device
@@ -293,7 +306,7 @@ class Observer:
         rows = torch.tensor(inv, dtype=torch.long, device=flat.device)  # batch row -> the forward's row
         self._rows = rows if self.geo.to_canonical is None else rows[self.geo.to_canonical.to(flat.device)]
         self._stream_len = flat.numel()
-        moved = inv != sorted(inv)
+        moved = self._moved = inv != sorted(inv)
         extra = flat.numel() - given.numel()
         self.reordered = " and ".join(
             (["runs the sequences in its own order"] if moved else [])
@@ -384,6 +397,8 @@ class Observer:
         p.parts.append(x)
         p.rows += x.shape[0]
         n = self._stream_len
+        if n != self.geo.n_tokens and not self._moved and len(p.parts) == 1 and p.rows == self.geo.n_tokens:
+            n = p.rows  # a padded stream the forward has unpadded by now: the batch's own rows, in its order
         if p.rows > n:
             raise TracerError(
                 f"tap {name} ({source}): received {p.rows} token rows, the forward's stream has {n}; "
@@ -396,7 +411,7 @@ class Observer:
             self.seen[name].add(source)
             if self.sources is not None:
                 self.delivered[name] = source
-                self.record(name, self._canonical(full, self._rows))
+                self.record(name, self._canonical(full, self._rows if n == self._stream_len else self.geo.to_canonical))
 
     def _token_major(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Bring one captured piece to ``(rows, E)`` / ``(rows, H, d)`` (packed) or canonical (padded)."""
@@ -515,11 +530,14 @@ def _scaled(q: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def _layout_error(name: str, layer, expected, got) -> TracerError:
+    """The one-line error for a tensor whose shape fits no layout; marked ``layout_mismatch``."""
     where = f"layer {layer}" if layer is not None else "model level"
-    return TracerError(
+    error = TracerError(
         f"tap {name} ({where}): expected shape {tuple(expected)}, received {tuple(got)}; "
         "the plug-in's tensor cannot be matched to the other path's tap"
     )
+    error.layout_mismatch = True
+    return error
 
 
 _ADVICE = {

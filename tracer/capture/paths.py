@@ -371,7 +371,7 @@ class PluginPath(TracedPath):
             notes.append(f"the {self.name} plug-in {obs.reordered} (read from its call of embed_tokens); its taps were read at the batch's rows, in the batch's order")
         if obs.unattributed_attention:
             notes.append(
-                f"{obs.unattributed_attention} attention call(s) came before any q/k/v projection of a layer and "
+                f"{obs.unattributed_attention} attention call(s) came before any self_attn_layer_norm or q/k/v projection of a layer and "
                 "could not be given a layer; tap q/k/v with tracer.tap"
             )
         return PathOutput(obs.captured, notes)
