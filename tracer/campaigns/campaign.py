@@ -223,12 +223,12 @@ class TraceFacts:
     @classmethod
     def read(cls, path: Path) -> "TraceFacts":
         """The facts of the trace at ``path``, after verifying it as ``tracer.compare`` does
-        (:func:`tracer.judging.tables.verify`); a trace that does not verify is one
+        (:func:`tracer.judging.tables.summarize`); a trace that does not verify is one
         :class:`TracerError` line."""
-        from tracer.judging.tables import verify  # torch-heavy: imported when a trace is read
+        from tracer.judging.tables import summarize  # torch-heavy: imported when a trace is read
 
         with open_trace(path) as t, reading(path):
-            verify(t)
+            summarize(t)
             s = t.summary
             cos = pooled_cosines(t)
             run_id, sources = t.run_id, t.meta.get("plugin_sources", {})
