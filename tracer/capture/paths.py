@@ -328,7 +328,7 @@ class PluginPath(TracedPath):
                 f"{self.name} plug-in {self.plugin.label} returned {got}; expected the final representation {expect} "
                 "(after emb_layer_norm_after)"
             )
-        return out
+        return out.to(device)  # a forward that hands its result back on the host (.cpu()) is compared on the run's device
 
     def _observe(self, batch, names, record, sources):
         return Observer(self.model, self._geometry(batch), names, record, sources, (self.plugin.namespace,) if self.plugin.namespace else ())
