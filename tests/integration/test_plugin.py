@@ -594,3 +594,15 @@ def test_a_users_hf_forward_that_fits_no_layout_is_observed_through_fair_esm(tmp
     r = run(tmp_path, batch(), dtype="float32", reference="fp64", packed=f"{path}:make_forward", metrics_only=True)
     assert r.summary.first_divergence is None
     assert any("not captured" in n for n in r.notes)
+
+
+def test_a_forward_on_its_own_copy_of_the_model_is_traced(tmp_path):
+    """The factory gives its wrapper ``copy.deepcopy(model)`` (what tracer advises a plug-in that
+    would change the shared model): the copy's modules are observed; a planted bug is found."""
+    adapter = "import copy\n" + ADAPTER_CODE.replace("wrapper = PackedESM2Wrapper(model)", "wrapper = PackedESM2Wrapper(copy.deepcopy(model))")
+    r = run(tmp_path, batch(), dtype="float32", reference="fp64", packed=plugin_file(tmp_path, "copy", adapter=adapter), metrics_only=True)
+    assert not r.notes and r.summary.first_divergence is None
+    edit, expected = BUGS["positions-not-restarted"]
+    spec = plugin_file(tmp_path, "copy_bug", [edit], adapter=adapter)
+    fd = run(tmp_path, batch(), name="bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected

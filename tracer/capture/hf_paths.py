@@ -47,7 +47,7 @@ from tracer.errors import TracerError
 from tracer.inputs.faults import Faults
 from tracer.capture.observe import Observer, module_roles
 from tracer.capture.paths import PluginPath
-from tracer.capture.plugin import Plugin
+from tracer.capture.plugin import Plugin, held_modules
 from tracer.esm.sites import HF_SITES_TABLE
 
 SPEC = "hf"
@@ -75,31 +75,25 @@ def path_for(plugin: Plugin, model, pack_order: str) -> PluginPath:
         return HfPath(plugin, model, pack_order)
     path = PluginPath(plugin, model, pack_order)
     hf = held_hf_model(path.forward)
-    return path if hf is None else HfPath(plugin, model, pack_order, forward=path.forward, hf=hf)
+    if hf is not None:
+        return HfPath(plugin, model, pack_order, forward=path.forward, hf=hf)
+    own = [m for m in held_modules(path.forward, type(model)) if m is not model]
+    if len(own) == 1:  # the forward runs its own copy of the model (copy.deepcopy in its factory)
+        path.observed = own[0]
+    return path
 
 
 def held_hf_model(forward):
-    """The one HF ``EsmModel`` a user's forward holds, else ``None``: looked for in the forward
-    itself, the object it is bound to, its closure, and their attributes (one level), and in
-    the modules of any ``torch.nn.Module`` among them (an ``EsmForMaskedLM`` holds one). Only if
-    the user's code imported HF's ESM; two different models found is ``None`` (ambiguous)."""
+    """The one HF ``EsmModel`` a user's forward holds (:func:`tracer.capture.plugin.held_modules`;
+    an ``EsmForMaskedLM`` holds one), else ``None``: only if the user's code imported HF's ESM,
+    and two different models found is ``None`` (ambiguous)."""
     import sys
-
-    import torch
 
     modeling = sys.modules.get("transformers.models.esm.modeling_esm")
     if modeling is None:
         return None
-    roots = [forward, getattr(forward, "__self__", None)]
-    for cell in getattr(forward, "__closure__", None) or ():
-        try:
-            roots.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            pass
-    candidates = roots + [v for r in roots if r is not None and not isinstance(r, torch.nn.Module) and hasattr(r, "__dict__")
-                          for v in vars(r).values()]
-    found = {id(m): m for obj in candidates if isinstance(obj, torch.nn.Module) for m in obj.modules() if isinstance(m, modeling.EsmModel)}
-    return next(iter(found.values())) if len(found) == 1 else None
+    found = held_modules(forward, modeling.EsmModel)
+    return found[0] if len(found) == 1 else None
 
 
 def load_side(spec, side: str, config, device, dtype) -> Plugin | None:

@@ -286,6 +286,8 @@ class PluginPath(TracedPath):
         self.label = f"plug-in {plugin.label}"
         self.pack_order = pack_order
         self.forward = forward if forward is not None else plugin.make(model, model.alphabet)  # made once
+        self.observed = model
+        """The fair-esm model whose modules the forward runs: the run's, or its own copy."""
         self.sources: dict[str, str] | None = None
 
     def _device(self):
@@ -331,7 +333,7 @@ class PluginPath(TracedPath):
         return out.to(device)  # a forward that hands its result back on the host (.cpu()) is compared on the run's device
 
     def _observe(self, batch, names, record, sources):
-        return Observer(self.model, self._geometry(batch), names, record, sources, (self.plugin.namespace,) if self.plugin.namespace else ())
+        return Observer(self.observed, self._geometry(batch), names, record, sources, (self.plugin.namespace,) if self.plugin.namespace else ())
 
     def capturable(self, names: list[str]) -> list[str]:
         probe = encode(make_batch(list(PROBE)), self.model.alphabet, self.pack_order)

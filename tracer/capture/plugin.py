@@ -82,6 +82,21 @@ class Plugin:
             ) from None
 
 
+def held_modules(forward, cls) -> list:
+    """The distinct ``cls`` modules a forward holds: in itself, the object it is bound to, its
+    closure, their attributes (one level), and the modules of any ``torch.nn.Module`` among them."""
+    roots = [forward, getattr(forward, "__self__", None)]
+    for cell in getattr(forward, "__closure__", None) or ():
+        try:
+            roots.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    candidates = roots + [v for r in roots if r is not None and not isinstance(r, torch.nn.Module) and hasattr(r, "__dict__")
+                          for v in vars(r).values()]
+    found = {id(m): m for obj in candidates if isinstance(obj, torch.nn.Module) for m in obj.modules() if isinstance(m, cls)}
+    return list(found.values())
+
+
 def fitted(fn, args: tuple, fewest: int) -> tuple:
     """``args``, less the trailing ones ``fn`` does not take (down to ``fewest``): a factory
     ``make(model)`` gets no alphabet, a packed ``forward(tokens, cu_seqlens)`` no ``max_seqlen``.
