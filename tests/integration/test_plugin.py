@@ -606,3 +606,33 @@ def test_a_forward_on_its_own_copy_of_the_model_is_traced(tmp_path):
     spec = plugin_file(tmp_path, "copy_bug", [edit], adapter=adapter)
     fd = run(tmp_path, batch(), name="bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected
+
+
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    """``import xformers.ops`` gives the CPU test double in ``tests/fakes`` (removed afterwards)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "fakes"))
+    yield
+    for name in [m for m in sys.modules if m == "xformers" or m.startswith("xformers.")]:
+        del sys.modules[name]
+
+
+XFORMERS_CALL = ("ctx = xops.memory_efficient_attention(q[None], k[None], v[None], scale=d**-0.5, "
+                 "attn_bias=fmha.BlockDiagonalMask.from_seqlens((cu_seqlens[1:] - cu_seqlens[:-1]).tolist()))[0]")
+
+
+def test_xformers_memory_efficient_attention_is_intercepted(tmp_path, fake_xformers):
+    """xformers' attention over a packed row ``(1, N, H, d)`` with a block-diagonal bias gives
+    q_rope, k_rope and v exactly as SDPA does; a planted position bug is found at its token."""
+    imports = "import xformers.ops as xops\nfrom xformers.ops import fmha"
+    spec = plugin_file(tmp_path, "xf", [(CALL, XFORMERS_CALL)], imports)
+    r = run(tmp_path, batch(), name="xf.h5", dtype="float32", reference="fp64", packed=spec)
+    assert not r.notes and r.summary.first_divergence is None
+    seen = run(tmp_path, batch(), name="sdpa.h5", dtype="float32", reference="none", packed=ADAPTER)
+    with open_trace(r.path) as a, open_trace(seen.path) as b:
+        for name in ("layers.0.q_rope", "layers.0.k_rope", "layers.0.v"):
+            assert torch.equal(a.tap("packed", name), b.tap("packed", name)), name
+    edit, expected = BUGS["positions-not-restarted"]
+    spec = plugin_file(tmp_path, "xf_bug", [(CALL, XFORMERS_CALL), edit], imports)
+    fd = run(tmp_path, batch(), name="xf-bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected
