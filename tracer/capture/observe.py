@@ -25,8 +25,8 @@ forward):
    ``embed_tokens``                            input     the forward's own token stream (below)
    ==========================================  ========  ==========================================
 
-2. **The attention call** (:mod:`tracer.capture.intercept`): flash-attn's functions,
-   ``torch.nn.attention.varlen.varlen_attn`` and ``torch.nn.functional.scaled_dot_product_attention``
+2. **The attention call** (:mod:`tracer.capture.intercept`): flash-attn's functions, xformers'
+   ``memory_efficient_attention``, ``torch.nn.attention.varlen.varlen_attn`` and ``torch.nn.functional.scaled_dot_product_attention``
    are replaced, for the duration of the path, by wrappers that record q, k, v as the kernel
    consumes them and call the original with the very same arguments. The softmax scale the
    kernel applies (its argument, or its default ``head_dim ** -0.5``) is recorded and ``q_rope``
