@@ -280,3 +280,26 @@ def test_a_checkpoint_truncated_during_a_float32_run_does_not_stop_it(tmp_path):
         assert t.summary["verdict"] == "agree"  # the plug-in is the example: the paths agree on the weights as loaded
     assert (tmp_path / "ck.pt").stat().st_size == 0
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*partial*"))
+
+
+def test_torch_dynamo_tagging_module_init_is_not_a_change(monkeypatch):
+    """torch._dynamo's mutation guard (installed when a forward first calls flex_attention, say)
+    rebinds torch.nn.Module.__init__ to a closure over the old one: no change. The same closure
+    written by a plug-in is one."""
+    from torch._dynamo import mutation_guard
+
+    model = build_random(architecture(SMALL), 0)
+    init = torch.nn.Module.__init__
+    monkeypatch.setattr(torch.nn.Module, "__init__", init)  # whatever happens here is undone after the test
+    monkeypatch.setattr(torch.nn.Module, "__setstate__", torch.nn.Module.__setstate__)
+    monkeypatch.setattr(torch.nn.Module, "___needs_generation_tag_patch", True, raising=False)
+    before = isolation.Fingerprint.take(model)
+    mutation_guard.install_generation_tagging_init()
+    assert torch.nn.Module.__init__ is not init
+    assert before.changes(isolation.Fingerprint.take(model)) == []
+
+    def plugin_init(self, *a, **k):
+        init(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", plugin_init)
+    assert "torch.nn.Module.__init__ (function replaced)" in before.changes(isolation.Fingerprint.take(model))

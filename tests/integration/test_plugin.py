@@ -636,3 +636,23 @@ def test_xformers_memory_efficient_attention_is_intercepted(tmp_path, fake_xform
     spec = plugin_file(tmp_path, "xf_bug", [(CALL, XFORMERS_CALL), edit], imports)
     fd = run(tmp_path, batch(), name="xf-bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected
+
+
+FLEX_CALL = (
+    "seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long())\n"
+    "        mask = create_block_mask(lambda b, hh, i, j: seq[i] == seq[j], None, None, n, n, device=str(q.device))\n"
+    "        ctx = flex_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=mask, scale=d**-0.5)[0].transpose(0, 1)"
+)
+
+
+def test_flex_attention_with_a_document_mask_is_intercepted(tmp_path):
+    """PyTorch's flex_attention (eager) over the packed row with a block mask per sequence:
+    q/k/v are read as SDPA's; a planted position bug is found at its token."""
+    imports = "from torch.nn.attention.flex_attention import create_block_mask, flex_attention"
+    spec = plugin_file(tmp_path, "flex", [(CALL, FLEX_CALL)], imports)
+    r = run(tmp_path, batch(), name="flex.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True)
+    assert not r.notes and r.summary.first_divergence is None
+    edit, expected = BUGS["positions-not-restarted"]
+    spec = plugin_file(tmp_path, "flex_bug", [(CALL, FLEX_CALL), edit], imports)
+    fd = run(tmp_path, batch(), name="flex-bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
+    assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected

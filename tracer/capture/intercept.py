@@ -4,7 +4,8 @@ A wrapper records what the kernel consumes and calls the original with the very 
 (:class:`tracer.capture.observe.Observer` installs them). flash-attn's functions
 (:data:`FLASH_ATTN_FUNCTIONS`: q/k/v separate, stacked as ``qkv``, or ``q`` + ``kv``),
 xformers' ``memory_efficient_attention`` (``(B, M, H, K)``; a block-diagonal bias for packed
-sequences), PyTorch's ``varlen_attn`` and ``scaled_dot_product_attention`` are replaced in every loaded
+sequences), PyTorch's ``flex_attention`` (uncompiled), ``varlen_attn`` and
+``scaled_dot_product_attention`` are replaced in every loaded
 module that holds them (:class:`Patch`), so ``from flash_attn import flash_attn_varlen_func``
 is covered.
 """
@@ -46,6 +47,9 @@ def attention_targets() -> list[tuple[str, object, str, str]]:
     xops = sys.modules.get("xformers.ops")  # only if the user's code imported it (a heavy import otherwise)
     if getattr(xops, "memory_efficient_attention", None) is not None:
         targets.append(("memory_efficient_attention", xops.memory_efficient_attention, "varlen", "scale"))  # (B, M, H, K)
+    flex = sys.modules.get("torch.nn.attention.flex_attention")  # likewise: it imports the compiler stack
+    if getattr(flex, "flex_attention", None) is not None:
+        targets.append(("flex_attention", flex.flex_attention, "sdpa", "scale"))  # (B, H, S, D), a block mask
     try:
         from torch.nn.attention import varlen
 

@@ -168,13 +168,22 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 def _torch_rewrap(old, new) -> bool:
     """Whether ``new`` is torch's own wrapper of ``old``: torch rebinds a few functions when one
     of its modules is first imported (``torch._dynamo`` wraps ``torch.manual_seed`` in its
-    disable decorator), which may happen inside any forward. A wrapper written outside torch's
-    installation, or one that does not wrap the very same function, is a change."""
+    disable decorator, and its mutation guard wraps ``torch.nn.Module.__init__`` in a closure over
+    it), which may happen inside any forward. A wrapper written outside torch's installation, or
+    one that does not wrap or close over the very same function, is a change."""
     code = getattr(new, "__code__", None)
     inner = getattr(new, "__wrapped__", None)
     while inner is not None and inner is not old:
         inner = getattr(inner, "__wrapped__", None)
-    return inner is old and code is not None and os.path.abspath(code.co_filename).startswith(_TORCH_DIR + os.sep)
+    closes_over = any(_cell(c) is old for c in getattr(new, "__closure__", None) or ())  # torch._dynamo's Module.__init__ tracker
+    return (inner is old or closes_over) and code is not None and os.path.abspath(code.co_filename).startswith(_TORCH_DIR + os.sep)
+
+
+def _cell(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def _settings() -> dict:
