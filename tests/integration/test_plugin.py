@@ -338,13 +338,17 @@ def test_packing_through_fair_esms_own_layers_is_traced_and_its_positions_named(
     assert d.pattern == "sequence-offset" and d.propagates is False and d.absorbed_at == "layers.0.ctx"
 
 
-@pytest.fixture
-def fake_flash_attn(monkeypatch):
-    """``import flash_attn`` gives the CPU test double in ``tests/fakes`` (removed afterwards)."""
+def _fake(monkeypatch, package: str):
+    """``import <package>`` gives its CPU test double in ``tests/fakes`` (removed afterwards)."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "fakes"))
     yield
-    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
         del sys.modules[name]
+
+
+@pytest.fixture
+def fake_flash_attn(monkeypatch):
+    yield from _fake(monkeypatch, "flash_attn")
 
 
 FLASH_CALLS = {
@@ -610,11 +614,7 @@ def test_a_forward_on_its_own_copy_of_the_model_is_traced(tmp_path):
 
 @pytest.fixture
 def fake_xformers(monkeypatch):
-    """``import xformers.ops`` gives the CPU test double in ``tests/fakes`` (removed afterwards)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "fakes"))
-    yield
-    for name in [m for m in sys.modules if m == "xformers" or m.startswith("xformers.")]:
-        del sys.modules[name]
+    yield from _fake(monkeypatch, "xformers")
 
 
 XFORMERS_CALL = ("ctx = xops.memory_efficient_attention(q[None], k[None], v[None], scale=d**-0.5, "
