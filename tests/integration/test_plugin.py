@@ -338,17 +338,22 @@ def test_packing_through_fair_esms_own_layers_is_traced_and_its_positions_named(
     assert d.pattern == "sequence-offset" and d.propagates is False and d.absorbed_at == "layers.0.ctx"
 
 
-def _fake(monkeypatch, package: str):
-    """``import <package>`` gives its CPU test double in ``tests/fakes`` (removed afterwards)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "fakes"))
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+
+
+def _fake(monkeypatch):
+    """``import flash_attn`` / ``xformers`` give their CPU test doubles in ``tests/fakes``; afterwards every module
+    imported from there is removed (the example imports flash-attn whenever it can)."""
+    monkeypatch.syspath_prepend(str(FAKES))
     yield
-    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
-        del sys.modules[name]
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(FAKES)):
+            del sys.modules[name]
 
 
 @pytest.fixture
 def fake_flash_attn(monkeypatch):
-    yield from _fake(monkeypatch, "flash_attn")
+    yield from _fake(monkeypatch)
 
 
 FLASH_CALLS = {
@@ -614,7 +619,7 @@ def test_a_forward_on_its_own_copy_of_the_model_is_traced(tmp_path):
 
 @pytest.fixture
 def fake_xformers(monkeypatch):
-    yield from _fake(monkeypatch, "xformers")
+    yield from _fake(monkeypatch)
 
 
 XFORMERS_CALL = ("ctx = xops.memory_efficient_attention(q[None], k[None], v[None], scale=d**-0.5, "
