@@ -342,8 +342,9 @@ FAKES = Path(__file__).resolve().parents[1] / "fakes"
 
 
 def _fake(monkeypatch):
-    """``import flash_attn`` / ``xformers`` give their CPU test doubles in ``tests/fakes``; afterwards every module
-    imported from there is removed (the example imports flash-attn whenever it can)."""
+    """``import flash_attn`` / ``xformers`` give their CPU test doubles in ``tests/fakes``;
+    afterwards every module imported from there is removed (the example imports flash-attn
+    whenever it can)."""
     monkeypatch.syspath_prepend(str(FAKES))
     yield
     for name, module in list(sys.modules.items()):
@@ -652,12 +653,22 @@ FLEX_CALL = (
 
 def test_flex_attention_with_a_document_mask_is_intercepted(tmp_path):
     """PyTorch's flex_attention (eager) over the packed row with a block mask per sequence:
-    q/k/v are read as SDPA's; a planted position bug is found at its token."""
-    imports = "from torch.nn.attention.flex_attention import create_block_mask, flex_attention"
-    spec = plugin_file(tmp_path, "flex", [(CALL, FLEX_CALL)], imports)
-    r = run(tmp_path, batch(), name="flex.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True)
-    assert not r.notes and r.summary.first_divergence is None
-    edit, expected = BUGS["positions-not-restarted"]
-    spec = plugin_file(tmp_path, "flex_bug", [(CALL, FLEX_CALL), edit], imports)
-    fd = run(tmp_path, batch(), name="flex-bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
-    assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected
+    q/k/v are read as SDPA's; a planted position bug is found at its token. In a fresh
+    interpreter: its first call installs torch._dynamo's hooks, which would stay in this one."""
+    code = (
+        "import sys, pathlib\n"
+        "from tests.conftest import run\n"
+        "from tests.integration.test_plugin import BUGS, CALL, FLEX_CALL, batch, plugin_file\n"
+        "tmp = pathlib.Path(sys.argv[1])\n"
+        "imports = 'from torch.nn.attention.flex_attention import create_block_mask, flex_attention'\n"
+        "r = run(tmp, batch(), name='flex.h5', dtype='float32', reference='fp64', packed=plugin_file(tmp, 'flex', [(CALL, FLEX_CALL)], imports), metrics_only=True)\n"
+        "assert not r.notes and r.summary.first_divergence is None, (r.notes, r.summary.first_divergence)\n"
+        "edit, expected = BUGS['positions-not-restarted']\n"
+        "spec = plugin_file(tmp, 'flex_bug', [(CALL, FLEX_CALL), edit], imports)\n"
+        "fd = run(tmp, batch(), name='flex-bug.h5', dtype='float32', reference='fp64', packed=spec, metrics_only=True).summary.first_divergence\n"
+        "assert (fd.layer, fd.tap, fd.sequence, fd.token) == expected, fd\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
