@@ -67,6 +67,10 @@ BUGS = {
 }
 
 
+POSITIONS_BUG = BUGS["positions-not-restarted"][0]
+"""The edit that makes a forward's positions run over the whole stream (reused by the layout tests)."""
+
+
 @pytest.mark.parametrize("bug", list(BUGS))
 def test_classic_user_bug_is_localized_and_blamed_on_packed(tmp_path, bug):
     edit, expected = BUGS[bug]
@@ -378,7 +382,7 @@ def test_flash_attn_calls_are_intercepted_whatever_the_packing_of_qkv(tmp_path, 
         for name in a.taps("packed"):
             if name.startswith("layers.0.") and name.endswith(("q_rope", "k_rope", "v")):
                 assert torch.equal(a.tap("packed", name), b.tap("packed", name)), name
-    bug = ("position_ids = create_position_ids_packed(cu_seqlens)", "position_ids = torch.arange(input_ids.shape[0], device=input_ids.device)")
+    bug = POSITIONS_BUG
     spec = plugin_file(tmp_path, f"flash_{call}_bug", [(CALL, FLASH_CALLS[call]), bug], FLASH_IMPORT)
     fd = run(tmp_path, batch(), name=f"{call}-bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
@@ -440,7 +444,7 @@ def test_a_forward_that_reorders_the_sequences_is_read_in_its_own_order(tmp_path
         for name in ("embed", "layers.0.q_rope", "layers.5.resid_out"):  # the same rows: float32 rounding of another order only
             x, y = a.tap("packed", name).double(), b.tap("packed", name).double()
             assert ((x - y).norm(dim=-1) / y.norm(dim=-1)).max() < 1e-5, name
-    bug = ("position_ids = create_position_ids_packed(cu_seqlens)", "position_ids = torch.arange(input_ids.shape[0], device=input_ids.device)")
+    bug = POSITIONS_BUG
     spec = plugin_file(tmp_path, "sorting_bug", [bug], adapter=adapter)
     fd = run(tmp_path, batch(), name="sorting-bug.h5", dtype="float32", reference="fp64", packed=spec, pack_order=pack_order,
              metrics_only=True).summary.first_divergence
@@ -481,7 +485,7 @@ def test_a_forward_that_pads_its_stream_is_read_at_the_batchs_rows(tmp_path):
     assert r.summary.first_divergence is None
     assert r.notes == ["the packed plug-in pads the stream with 3 token(s) beyond the batch's 61 (read from its call of embed_tokens); "
                        "its taps were read at the batch's rows, in the batch's order"]
-    bug = ("position_ids = create_position_ids_packed(cu_seqlens)", "position_ids = torch.arange(input_ids.shape[0], device=input_ids.device)")
+    bug = POSITIONS_BUG
     spec = plugin_file(tmp_path, "padding_bug", [bug], adapter=PADDING_ADAPTER)
     fd = run(tmp_path, batch(), name="bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
@@ -510,7 +514,7 @@ def test_fused_qkv_weights_are_traced(tmp_path):
     spec = plugin_file(tmp_path, "fused", [FUSED_QKV])
     r = run(tmp_path, batch(), dtype="float32", reference="fp64", packed=spec, metrics_only=True)
     assert not r.notes and r.summary.first_divergence is None
-    bug = ("position_ids = create_position_ids_packed(cu_seqlens)", "position_ids = torch.arange(input_ids.shape[0], device=input_ids.device)")
+    bug = POSITIONS_BUG
     spec = plugin_file(tmp_path, "fused_bug", [FUSED_QKV, bug])
     fd = run(tmp_path, batch(), name="bug.h5", dtype="float32", reference="fp64", packed=spec, metrics_only=True).summary.first_divergence
     assert (fd.layer, fd.tap, fd.sequence, fd.token) == (0, "q_rope", "short", 0)
