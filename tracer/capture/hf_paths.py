@@ -39,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -87,8 +88,6 @@ def held_hf_model(forward):
     """The one HF ``EsmModel`` a user's forward holds (:func:`tracer.capture.plugin.held_modules`;
     an ``EsmForMaskedLM`` holds one), else ``None``: only if the user's code imported HF's ESM,
     and two different models found is ``None`` (ambiguous)."""
-    import sys
-
     modeling = sys.modules.get("transformers.models.esm.modeling_esm")
     if modeling is None:
         return None
@@ -231,12 +230,10 @@ class HfPath(PluginPath):
         """As a plug-in's; a user's forward whose HF calls do not fit the path's layout (it runs HF
         on a padded batch inside a packed forward, say) is observed through fair-esm's modules
         instead, where it captures what it captures (never a failed run)."""
-        if is_hf(self.plugin):
-            return super().capturable(names)
         try:
             return super().capturable(names)
         except TracerError as e:
-            if not getattr(e, "layout_mismatch", False):
+            if is_hf(self.plugin) or not getattr(e, "layout_mismatch", False):
                 raise
             self.hf = None
             return super().capturable(names)
